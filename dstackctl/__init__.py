@@ -1,0 +1,1 @@
+"""dstackctl: the command-line client of dstackd."""

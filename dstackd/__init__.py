@@ -1,0 +1,1 @@
+"""The dstackd daemon: decides, acts on backends and serves the Unix socket."""

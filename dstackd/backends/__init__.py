@@ -1,0 +1,1 @@
+"""Backends: where instances come from (this machine, SSH hosts, AWS EC2)."""

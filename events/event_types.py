@@ -1,0 +1,234 @@
+"""Event types: one frozen, tagged Struct per fact recorded in the log.
+
+Events are named in the past tense and carry what replay and audit need. The
+schema only grows: a new field gets a default, and no field is renamed or given
+a new meaning, because old records are decoded with these same types.
+
+Streams: ``pool/<name>`` for pool events, ``instance/<id>`` for instance events
+(claims and releases included, so the instance stream's version guards against
+two runs claiming one instance), and ``run/<id>`` for run events.
+"""
+
+from typing import Literal
+
+import msgspec
+
+from events.model import (
+    CreationPolicy,
+    Duration,
+    Offer,
+    Requirements,
+    Resources,
+    RunType,
+)
+
+
+class _Event(msgspec.Struct, frozen=True, tag=True, omit_defaults=True):
+    """Base of every event; the tag is the class name."""
+
+
+# Pools
+
+
+class PoolCreated(_Event):
+    pool: str
+
+
+class PoolDeleted(_Event):
+    pool: str
+
+
+class DefaultPoolSet(_Event):
+    pool: str
+
+
+# Instances
+
+
+class Candidate(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An instance or an offer considered for a run, and why it was rejected.
+
+    ``rejected`` is ``None`` for the candidate that was chosen and for fitting
+    candidates that lost on price or idle time (then ``note`` says so).
+    """
+
+    kind: Literal["instance", "offer"]
+    name: str
+    price: float = 0.0
+    rejected: str | None = None
+    note: str | None = None
+
+
+class InstanceRequested(_Event):
+    """The intent to create an instance, recorded before any backend call.
+
+    ``instance_id`` doubles as the idempotency token sent to the backend.
+    ``run_id`` is set when a run's placement caused the request.
+    """
+
+    instance_id: str
+    name: str
+    pool: str
+    offer: Offer
+    idle_duration: Duration
+    requirements: Requirements | None = None
+    run_id: str | None = None
+    candidates: tuple[Candidate, ...] = ()
+
+
+class InstanceProvisioned(_Event):
+    """The backend created the instance and it can take runs.
+
+    ``backend_data`` holds what the backend needs to reach or release it again
+    (for the local backend, the reserved CPU ids and GPU indices).
+    """
+
+    instance_id: str
+    resources: Resources
+    hostname: str = ""
+    backend_data: dict[str, str] = {}
+
+
+class InstanceProvisioningFailed(_Event):
+    instance_id: str
+    reason: str
+
+
+class InstanceClaimed(_Event):
+    """A run took the instance; ``candidates`` explains the placement."""
+
+    instance_id: str
+    run_id: str
+    candidates: tuple[Candidate, ...] = ()
+
+
+class InstanceReleased(_Event):
+    """The run that held the instance ended; the instance is idle from now."""
+
+    instance_id: str
+    run_id: str
+
+
+class InstanceIdleExpired(_Event):
+    """The idle duration passed; the instance takes no more runs from here on."""
+
+    instance_id: str
+    idle_since: int
+    idle_duration: int
+
+
+class InstanceTerminationRequested(_Event):
+    instance_id: str
+    reason: str
+
+
+class InstanceTerminationFailed(_Event):
+    """A backend call to terminate failed; the daemon retries it later."""
+
+    instance_id: str
+    error: str
+    attempt: int = 1
+
+
+class InstanceTerminated(_Event):
+    instance_id: str
+
+
+class InstanceLost(_Event):
+    """The backend no longer knows the instance, though it was alive here."""
+
+    instance_id: str
+    reason: str
+
+
+# Runs
+
+
+class RunSpec(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a run executes and where it may go.
+
+    Either ``argv`` (executed directly) or ``commands`` (shell lines run one
+    after the other by ``/bin/sh -e``) is set. ``env_names`` lists the variables
+    the run sets; their values are kept out of the log, in the run's directory.
+    """
+
+    type: RunType = "task"
+    argv: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ()
+    env_names: tuple[str, ...] = ()
+    working_dir: str | None = None
+    requirements: Requirements = Requirements()
+    creation_policy: CreationPolicy = "reuse-or-create"
+    instance: str | None = None
+    idle_duration: Duration | None = None
+    max_duration: Duration | None = None
+
+
+class RunSubmitted(_Event):
+    run_id: str
+    name: str
+    pool: str
+    spec: RunSpec
+    user: str = ""
+    uid: int | None = None
+
+
+class RunStarted(_Event):
+    """The run's process started on its instance.
+
+    ``pid`` and ``pid_start_time`` identify the supervising process across a
+    daemon restart (the start time guards against a reused pid).
+    """
+
+    run_id: str
+    instance_id: str
+    pid: int = 0
+    pid_start_time: int = 0
+
+
+class RunFinished(_Event):
+    run_id: str
+    exit_status: int
+
+
+class RunFailed(_Event):
+    run_id: str
+    reason: str
+    exit_status: int | None = None
+
+
+class RunStopRequested(_Event):
+    run_id: str
+    abort: bool = False
+
+
+class RunStopped(_Event):
+    run_id: str
+    exit_status: int | None = None
+
+
+Event = (
+    PoolCreated
+    | PoolDeleted
+    | DefaultPoolSet
+    | InstanceRequested
+    | InstanceProvisioned
+    | InstanceProvisioningFailed
+    | InstanceClaimed
+    | InstanceReleased
+    | InstanceIdleExpired
+    | InstanceTerminationRequested
+    | InstanceTerminationFailed
+    | InstanceTerminated
+    | InstanceLost
+    | RunSubmitted
+    | RunStarted
+    | RunFinished
+    | RunFailed
+    | RunStopRequested
+    | RunStopped
+)
+
+EVENT_TYPES: tuple[type[_Event], ...] = Event.__args__  # type: ignore[attr-defined]
+
+EVENT_TYPE_NAMES = frozenset(cls.__name__ for cls in EVENT_TYPES)

@@ -1,0 +1,405 @@
+"""Projection of the log into current state: pools, instances and runs.
+
+``apply`` folds one record into a ``State``. It reads times only from the
+record, never from the clock, so replaying the same records always gives the
+same state. For speed the fold updates ``state`` in place and returns it;
+a caller that needs the old state keeps a copy (``copy_state``).
+"""
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import msgspec
+
+from events.event_types import (
+    DefaultPoolSet,
+    Event,
+    InstanceClaimed,
+    InstanceIdleExpired,
+    InstanceLost,
+    InstanceProvisioned,
+    InstanceProvisioningFailed,
+    InstanceReleased,
+    InstanceRequested,
+    InstanceTerminated,
+    InstanceTerminationFailed,
+    InstanceTerminationRequested,
+    PoolCreated,
+    PoolDeleted,
+    RunFailed,
+    RunFinished,
+    RunSpec,
+    RunStarted,
+    RunStopped,
+    RunStopRequested,
+    RunSubmitted,
+)
+from events.model import Duration, Offer, Resources
+from events.record import Record
+
+DEFAULT_POOL = "default-pool"
+
+InstanceStatus = Literal[
+    "provisioning", "idle", "busy", "failed", "terminating", "terminated"
+]
+RunStatus = Literal["submitted", "provisioning", "running", "done", "failed", "stopped"]
+
+LIVE_INSTANCE_STATUSES = frozenset({"provisioning", "idle", "busy", "terminating"})
+ACTIVE_RUN_STATUSES = frozenset({"submitted", "provisioning", "running"})
+
+
+class Pool(msgspec.Struct):
+    name: str
+    created_at: int
+
+
+class Instance(msgspec.Struct):
+    """An instance as the log describes it.
+
+    ``schedulable`` turns false for good once the idle duration expired or a
+    termination was requested, in the same record, so no run lands on an
+    instance that is being torn down.
+    """
+
+    id: str
+    name: str
+    pool: str
+    offer: Offer
+    resources: Resources
+    idle_duration: Duration
+    requested_at: int
+    status: InstanceStatus = "provisioning"
+    schedulable: bool = True
+    run_id: str | None = None
+    idle_since: int | None = None
+    for_run: str | None = None
+    hostname: str = ""
+    backend_data: dict[str, str] = {}
+    provisioned_at: int | None = None
+    terminating_since: int | None = None
+    ended_at: int | None = None
+    reason: str | None = None
+    termination_attempts: int = 0
+    last_error: str | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.offer.backend
+
+    @property
+    def price(self) -> float:
+        return self.offer.price
+
+
+class Run(msgspec.Struct):
+    id: str
+    name: str
+    pool: str
+    spec: RunSpec
+    user: str
+    uid: int | None
+    submitted_at: int
+    status: RunStatus = "submitted"
+    instance_id: str | None = None
+    attempts: int = 0
+    pid: int = 0
+    pid_start_time: int = 0
+    started_at: int | None = None
+    ended_at: int | None = None
+    exit_status: int | None = None
+    reason: str | None = None
+    stop_requested: bool = False
+    abort: bool = False
+
+
+class State(msgspec.Struct):
+    """Everything the log says, as of ``checkpoint`` (the last position applied)."""
+
+    checkpoint: int = 0
+    head_hash: bytes = bytes(32)
+    pools: dict[str, Pool] = {}
+    default_pool: str | None = None
+    instances: dict[str, Instance] = {}
+    runs: dict[str, Run] = {}
+
+    def default_pool_name(self) -> str:
+        return self.default_pool or DEFAULT_POOL
+
+
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(State)
+
+
+def encode_state(state: State) -> bytes:
+    return _state_encoder.encode(state)
+
+
+def decode_state(data: bytes) -> State:
+    return _state_decoder.decode(data)
+
+
+def copy_state(state: State) -> State:
+    return decode_state(encode_state(state))
+
+
+# Handlers, one per event type. Each gets the state, the event and the
+# record's time in microseconds.
+
+
+def _pool_created(state: State, event: PoolCreated, at: int) -> None:
+    state.pools[event.pool] = Pool(event.pool, at)
+    if state.default_pool is None:
+        state.default_pool = event.pool
+
+
+def _pool_deleted(state: State, event: PoolDeleted, at: int) -> None:
+    state.pools.pop(event.pool, None)
+    if state.default_pool == event.pool:
+        state.default_pool = None
+
+
+def _default_pool_set(state: State, event: DefaultPoolSet, at: int) -> None:
+    state.default_pool = event.pool
+
+
+def _instance_requested(state: State, event: InstanceRequested, at: int) -> None:
+    state.instances[event.instance_id] = Instance(
+        id=event.instance_id,
+        name=event.name,
+        pool=event.pool,
+        offer=event.offer,
+        resources=event.offer.resources,
+        idle_duration=event.idle_duration,
+        requested_at=at,
+        for_run=event.run_id,
+    )
+    if event.pool not in state.pools and event.pool == DEFAULT_POOL:
+        state.pools[event.pool] = Pool(event.pool, at)
+
+    if event.run_id is not None and event.run_id in state.runs:
+        run = state.runs[event.run_id]
+        if run.status == "submitted":
+            run.status = "provisioning"
+
+
+def _instance_provisioned(state: State, event: InstanceProvisioned, at: int) -> None:
+    instance = state.instances[event.instance_id]
+    instance.resources = event.resources
+    instance.hostname = event.hostname
+    instance.backend_data = dict(event.backend_data)
+    instance.provisioned_at = at
+    if instance.status == "provisioning":
+        instance.status = "idle"
+        instance.idle_since = at
+
+
+def _instance_provisioning_failed(
+    state: State, event: InstanceProvisioningFailed, at: int
+) -> None:
+    instance = state.instances[event.instance_id]
+    instance.status = "failed"
+    instance.schedulable = False
+    instance.reason = event.reason
+    instance.ended_at = at
+
+
+def _instance_claimed(state: State, event: InstanceClaimed, at: int) -> None:
+    instance = state.instances[event.instance_id]
+    instance.status = "busy"
+    instance.run_id = event.run_id
+    instance.idle_since = None
+    run = state.runs[event.run_id]
+    run.instance_id = event.instance_id
+    run.attempts += 1
+    if run.status == "submitted":
+        run.status = "provisioning"
+
+
+def _instance_released(state: State, event: InstanceReleased, at: int) -> None:
+    instance = state.instances[event.instance_id]
+    instance.run_id = None
+    if instance.status == "busy":
+        instance.status = "idle"
+        instance.idle_since = at
+
+
+def _instance_idle_expired(state: State, event: InstanceIdleExpired, at: int) -> None:
+    instance = state.instances[event.instance_id]
+    instance.schedulable = False
+    instance.status = "terminating"
+    instance.terminating_since = at
+    instance.reason = "idle duration expired"
+
+
+def _instance_termination_requested(
+    state: State, event: InstanceTerminationRequested, at: int
+) -> None:
+    instance = state.instances[event.instance_id]
+    instance.schedulable = False
+    instance.status = "terminating"
+    if instance.terminating_since is None:
+        instance.terminating_since = at
+
+    instance.reason = event.reason
+
+
+def _instance_termination_failed(
+    state: State, event: InstanceTerminationFailed, at: int
+) -> None:
+    instance = state.instances[event.instance_id]
+    instance.termination_attempts = event.attempt
+    instance.last_error = event.error
+
+
+def _instance_terminated(state: State, event: InstanceTerminated, at: int) -> None:
+    _end_instance(state.instances[event.instance_id], "terminated", at)
+
+
+def _instance_lost(state: State, event: InstanceLost, at: int) -> None:
+    instance = state.instances[event.instance_id]
+    instance.reason = event.reason
+    _end_instance(instance, "terminated", at)
+
+
+def _end_instance(instance: Instance, status: InstanceStatus, at: int) -> None:
+    instance.status = status
+    instance.schedulable = False
+    instance.run_id = None
+    instance.idle_since = None
+    instance.ended_at = at
+
+
+def _run_submitted(state: State, event: RunSubmitted, at: int) -> None:
+    state.runs[event.run_id] = Run(
+        id=event.run_id,
+        name=event.name,
+        pool=event.pool,
+        spec=event.spec,
+        user=event.user,
+        uid=event.uid,
+        submitted_at=at,
+    )
+
+
+def _run_started(state: State, event: RunStarted, at: int) -> None:
+    run = state.runs[event.run_id]
+    run.status = "running"
+    run.instance_id = event.instance_id
+    run.pid = event.pid
+    run.pid_start_time = event.pid_start_time
+    run.started_at = at
+
+
+def _run_finished(state: State, event: RunFinished, at: int) -> None:
+    run = state.runs[event.run_id]
+    run.exit_status = event.exit_status
+    run.status = "done" if event.exit_status == 0 else "failed"
+    if event.exit_status != 0:
+        run.reason = f"exited with status {event.exit_status}"
+
+    run.ended_at = at
+
+
+def _run_failed(state: State, event: RunFailed, at: int) -> None:
+    run = state.runs[event.run_id]
+    run.status = "failed"
+    run.reason = event.reason
+    run.exit_status = event.exit_status
+    run.ended_at = at
+
+
+def _run_stop_requested(state: State, event: RunStopRequested, at: int) -> None:
+    run = state.runs[event.run_id]
+    run.stop_requested = True
+    run.abort = run.abort or event.abort
+
+
+def _run_stopped(state: State, event: RunStopped, at: int) -> None:
+    run = state.runs[event.run_id]
+    run.status = "stopped"
+    run.exit_status = event.exit_status
+    run.ended_at = at
+
+
+_HANDLERS: dict[type, Callable[[State, object, int], None]] = {
+    PoolCreated: _pool_created,  # type: ignore[dict-item]
+    PoolDeleted: _pool_deleted,  # type: ignore[dict-item]
+    DefaultPoolSet: _default_pool_set,  # type: ignore[dict-item]
+    InstanceRequested: _instance_requested,  # type: ignore[dict-item]
+    InstanceProvisioned: _instance_provisioned,  # type: ignore[dict-item]
+    InstanceProvisioningFailed: _instance_provisioning_failed,  # type: ignore[dict-item]
+    InstanceClaimed: _instance_claimed,  # type: ignore[dict-item]
+    InstanceReleased: _instance_released,  # type: ignore[dict-item]
+    InstanceIdleExpired: _instance_idle_expired,  # type: ignore[dict-item]
+    InstanceTerminationRequested: _instance_termination_requested,  # type: ignore[dict-item]
+    InstanceTerminationFailed: _instance_termination_failed,  # type: ignore[dict-item]
+    InstanceTerminated: _instance_terminated,  # type: ignore[dict-item]
+    InstanceLost: _instance_lost,  # type: ignore[dict-item]
+    RunSubmitted: _run_submitted,  # type: ignore[dict-item]
+    RunStarted: _run_started,  # type: ignore[dict-item]
+    RunFinished: _run_finished,  # type: ignore[dict-item]
+    RunFailed: _run_failed,  # type: ignore[dict-item]
+    RunStopRequested: _run_stop_requested,  # type: ignore[dict-item]
+    RunStopped: _run_stopped,  # type: ignore[dict-item]
+}
+
+
+def apply(state: State, record: Record, record_hash: bytes = b"") -> State:
+    """Fold ``record`` into ``state`` and return it.
+
+    ``record_hash`` becomes the state's ``head_hash`` when given, so a snapshot
+    of the state names the exact record it ends at.
+    """
+    event: Event = record.event
+    _HANDLERS[type(event)](state, event, record.recorded_at)
+    state.checkpoint = record.position
+    if record_hash:
+        state.head_hash = record_hash
+
+    return state
+
+
+def replay(records: Iterable[Record], state: State | None = None) -> State:
+    """Fold ``records`` into ``state`` (a new one if not given)."""
+    state = State() if state is None else state
+    for record in records:
+        apply(state, record)
+
+    return state
+
+
+def check_invariants(state: State) -> list[str]:
+    """Return a description of each broken invariant; empty when all hold."""
+    problems = []
+    holders: dict[str, str] = {}
+    for instance in state.instances.values():
+        if instance.status == "busy":
+            run = state.runs.get(instance.run_id or "")
+            if run is None or run.status not in ACTIVE_RUN_STATUSES:
+                problems.append(
+                    f"instance {instance.id} is busy with inactive run {instance.run_id}"
+                )
+
+            if run is not None and run.instance_id != instance.id:
+                problems.append(
+                    f"instance {instance.id} holds run {run.id}, "
+                    f"which points at {run.instance_id}"
+                )
+
+        if instance.status == "idle" and instance.idle_since is None:
+            problems.append(f"idle instance {instance.id} has no idle_since")
+
+        if instance.status != "busy" and instance.run_id is not None:
+            problems.append(f"{instance.status} instance {instance.id} holds a run")
+
+    for run in state.runs.values():
+        if run.status in ACTIVE_RUN_STATUSES and run.instance_id is not None:
+            other = holders.get(run.instance_id)
+            if other is not None:
+                problems.append(
+                    f"instance {run.instance_id} held by runs {other} and {run.id}"
+                )
+
+            holders[run.instance_id] = run.id
+
+    return problems
