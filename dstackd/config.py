@@ -1,0 +1,292 @@
+"""The daemon's optional TOML config file: its schema, defaults and validation.
+
+Example, with every key at its default unless noted::
+
+    [daemon]
+    socket_group = "dstack"   # group name or gid; default: none, socket mode 0600
+    snapshot_every = 10000    # records between projection snapshots
+    log_level = "info"        # debug, info, warning, error or critical
+    stop_grace_seconds = 10   # from SIGTERM to SIGKILL when a run is stopped
+
+    [local]
+    enabled = true
+    cpus = 16                 # default: detected
+    memory = "64GB"           # default: detected
+    disk = "500GB"            # default: detected
+    price_per_hour = 0.0      # USD for the whole machine
+    region = "local"
+
+    [[local.gpus]]            # default: detected; declare where detection fails
+    name = "A100"
+    memory = "80GB"
+    count = 2                 # default: 1
+
+Sizes are text in the grammar of ``events.grammar.parse_size`` and are checked
+when the file is loaded. The Structs keep the text; ``memory_gb`` and similar
+properties give the value in GB. Every error names the file and where in it the
+problem is, e.g. ``config /etc/dstackd.toml: unknown key 'cpu' in [local]``.
+"""
+
+import grp
+import re
+import tomllib
+from typing import Annotated
+
+import msgspec
+
+from dstackd.logging import LEVELS
+from events.errors import DstackdError, InvalidValueError
+from events.grammar import parse_size
+
+_GPU_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*", re.ASCII)
+
+# msgspec's validation errors: "<problem> - at `$.path`", or the problem alone
+# for the top-level table.
+_VALIDATION_RE = re.compile(r"(?P<problem>.*?)(?: - at `(?P<path>\$[^`]*)`)?", re.S)
+_UNKNOWN_FIELD_RE = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
+_MISSING_FIELD_RE = re.compile(r"Object missing required field `(?P<key>[^`]*)`")
+_TYPE_RE = re.compile(r"Expected `(?P<expected>[^`]*)`, got `(?P<got>[^`]*)`")
+_PATH_PART_RE = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+# msgspec type names as a TOML user knows them. TOML has no null, so
+# "| null" only says that a key is optional and is dropped.
+_TOML_TYPE_NAMES = {"str": "string", "object": "table", "array": "array"}
+
+
+class ConfigError(DstackdError):
+    """The config file cannot be read or does not follow the schema."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"config {path}: {problem}")
+
+
+class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``[daemon]`` table."""
+
+    socket_group: str | Annotated[int, msgspec.Meta(ge=0)] | None = None
+    snapshot_every: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    log_level: str = "info"
+    stop_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+
+    @property
+    def socket_mode(self) -> int:
+        """Mode of a socket the daemon binds: group access only with a group."""
+        return 0o660 if self.socket_group is not None else 0o600
+
+    def socket_gid(self) -> int | None:
+        """Return the gid of ``socket_group``, looking a name up in the group db.
+
+        Raises:
+            KeyError: no group has that name.
+        """
+        group = self.socket_group
+        if group is None or isinstance(group, int):
+            return group
+
+        if group.isdigit():
+            return int(group)
+
+        return grp.getgrnam(group).gr_gid
+
+
+class GpuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``[[local.gpus]]`` entry: ``count`` GPUs of one model."""
+
+    name: str
+    memory: str
+    count: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+    @property
+    def memory_gb(self) -> float:
+        """Memory per GPU in GB."""
+        return parse_size(self.memory, "memory")
+
+
+class LocalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``[local]`` table: this machine as a backend.
+
+    ``None`` means that the local backend detects the value.
+    """
+
+    enabled: bool = True
+    cpus: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    memory: str | None = None
+    disk: str | None = None
+    price_per_hour: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    region: Annotated[str, msgspec.Meta(min_length=1)] = "local"
+    gpus: tuple[GpuConfig, ...] | None = None
+
+    @property
+    def memory_gb(self) -> float | None:
+        return None if self.memory is None else parse_size(self.memory, "memory")
+
+    @property
+    def disk_gb(self) -> float | None:
+        return None if self.disk is None else parse_size(self.disk, "disk")
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole config file; ``Config()`` is the configuration without a file."""
+
+    daemon: DaemonConfig = DaemonConfig()
+    local: LocalConfig = LocalConfig()
+
+
+def load_config(path: str | None) -> Config:
+    """Read and validate the config file at ``path``; None gives the defaults.
+
+    Raises:
+        ConfigError: the file cannot be read, is not valid TOML, has an unknown
+            key, a value of the wrong type, or a value outside its grammar.
+    """
+    if path is None:
+        return Config()
+
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read it: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"invalid TOML: {exc}") from None
+
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(path, describe_validation_error(str(exc), data)) from None
+
+    problem = check_values(config)
+    if problem is not None:
+        raise ConfigError(path, problem)
+
+    return config
+
+
+def check_values(config: Config) -> str | None:
+    """Return the first value that the schema's types cannot check, described."""
+    daemon, local = config.daemon, config.local
+    if daemon.log_level.lower() not in LEVELS:
+        return (
+            f"invalid value {daemon.log_level!r} at $.daemon.log_level: "
+            f"expected one of {', '.join(LEVELS)}"
+        )
+
+    try:
+        daemon.socket_gid()
+    except KeyError:
+        group = daemon.socket_group
+        return (
+            f"group {group!r} at $.daemon.socket_group does not exist: "
+            f"create it (groupadd --system {group}) or give a gid"
+        )
+
+    sizes = [("$.local.memory", local.memory), ("$.local.disk", local.disk)]
+    for index, gpu in enumerate(local.gpus or ()):
+        where = f"$.local.gpus[{index}]"
+        if not _GPU_NAME_RE.fullmatch(gpu.name):
+            return (
+                f"invalid GPU name {gpu.name!r} at {where}.name: expected letters, "
+                "digits, '_' and '-', starting with a letter (A100, RTX4090)"
+            )
+
+        sizes.append((f"{where}.memory", gpu.memory))
+
+    for where, text in sizes:
+        if text is not None:
+            problem = _check_size(where, text)
+            if problem is not None:
+                return problem
+
+    return None
+
+
+def _check_size(where: str, text: str) -> str | None:
+    try:
+        size = parse_size(text, where)
+    except InvalidValueError as exc:
+        return f"invalid value {text!r} at {where}: expected {exc.expected}"
+
+    if size <= 0:
+        return f"invalid value {text!r} at {where}: expected a size above 0"
+
+    return None
+
+
+def describe_validation_error(message: str, data: dict[str, object]) -> str:
+    """Reword a msgspec validation error in terms of TOML keys and tables.
+
+    ``data`` is the decoded document, used to tell unknown tables from keys.
+    """
+    match = _VALIDATION_RE.fullmatch(message)
+    assert match is not None, "the pattern matches any text"
+    problem, path = match["problem"], match["path"] or "$"
+
+    if unknown := _UNKNOWN_FIELD_RE.fullmatch(problem):
+        key = unknown["key"]
+        if isinstance(_lookup(data, path, key), dict):
+            return f"unknown table [{_dotted(path, key)}]"
+
+        return f"unknown key {key!r} {_where_table(path)}"
+
+    if missing := _MISSING_FIELD_RE.fullmatch(problem):
+        return f"missing required key {missing['key']!r} {_where_table(path)}"
+
+    if wrong_type := _TYPE_RE.fullmatch(problem):
+        expected = _toml_type(wrong_type["expected"])
+        got = _toml_type(wrong_type["got"])
+        return f"expected {expected} at {path}, got {got}"
+
+    # Constraint errors, e.g. "Expected `int` >= 1".
+    text = re.sub(r"`([^`]*)`", lambda quoted: _toml_type(quoted[1]), problem)
+    text = text[:1].lower() + text[1:]
+
+    return f"{text} at {path}"
+
+
+def _toml_type(name: str) -> str:
+    parts = [part.strip() for part in name.split("|")]
+    parts = [_TOML_TYPE_NAMES.get(part, part) for part in parts if part != "null"]
+
+    return " | ".join(parts)
+
+
+def _path_parts(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for key, index in _PATH_PART_RE.findall(path):
+        parts.append(key if key else int(index))
+
+    return parts
+
+
+def _lookup(data: object, path: str, key: str) -> object:
+    node = data
+    for part in [*_path_parts(path), key]:
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict):
+            node = node.get(part)
+        else:
+            return None
+
+    return node
+
+
+def _dotted(path: str, key: str) -> str:
+    names = [part for part in _path_parts(path) if isinstance(part, str)]
+
+    return ".".join([*names, key])
+
+
+def _where_table(path: str) -> str:
+    """Name the table at ``path``: ``in [local]`` or ``in [[local.gpus]] entry 1``."""
+    parts = _path_parts(path)
+    if not parts:
+        return "at the top level"
+
+    if isinstance(parts[-1], int):
+        names = ".".join(str(part) for part in parts[:-1] if isinstance(part, str))
+        return f"in [[{names}]] entry {parts[-1] + 1}"
+
+    return "in [" + ".".join(str(part) for part in parts) + "]"
