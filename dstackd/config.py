@@ -48,8 +48,8 @@ _MISSING_FIELD_RE = re.compile(r"Object missing required field `(?P<key>[^`]*)`"
 _TYPE_RE = re.compile(r"Expected `(?P<expected>[^`]*)`, got `(?P<got>[^`]*)`")
 _PATH_PART_RE = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
-# msgspec type names as a TOML user knows them. TOML has no null, so
-# "| null" only says that a key is optional and is dropped.
+# msgspec type names as a TOML user knows them. TOML has no null, so "| null"
+# only marks a key as optional and is dropped.
 _TOML_TYPE_NAMES = {"str": "string", "object": "table", "array": "array"}
 
 
@@ -165,7 +165,11 @@ def load_config(path: str | None) -> Config:
 
 
 def check_values(config: Config) -> str | None:
-    """Return the first value that the schema's types cannot check, described."""
+    """Check what the Struct types cannot express; return the first problem or None.
+
+    That is the log level name, the socket group's existence, GPU names and
+    the sizes, which go through ``events.grammar.parse_size``.
+    """
     daemon, local = config.daemon, config.local
     if daemon.log_level.lower() not in LEVELS:
         return (

@@ -35,8 +35,8 @@ def sd_notify(message: str) -> bool:
 
     Returns False without sending when ``NOTIFY_SOCKET`` is unset, names an
     address family this module does not support, or the send fails. A failure
-    is logged, because systemd then never sees the daemon become ready or stay
-    alive.
+    is logged, because systemd then receives no readiness or keep-alive message
+    from the daemon.
     """
     notify_socket = os.environ.get("NOTIFY_SOCKET", "")
     if not notify_socket:
