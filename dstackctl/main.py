@@ -5,6 +5,7 @@ only click and the standard library on its normal path: never the daemon, its
 msgspec schema, aiohttp, asyncio or http.client.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -230,10 +231,9 @@ def ps(client: Client, show_all: bool, watch: bool, as_json: bool) -> int:
 @click.pass_obj
 def logs(client: Client, follow: bool, run_name: str) -> int:
     """Print the output of RUN (a name or id)."""
-    try:
+    # Ctrl-C is the normal way to stop following, not a failure.
+    with contextlib.suppress(KeyboardInterrupt):
         _copy_logs(client, run_name, follow=follow)
-    except KeyboardInterrupt:
-        return exit_codes.OK
 
     return exit_codes.OK
 
@@ -321,7 +321,8 @@ def events(client: Client, follow: bool, after: int | None, as_json: bool) -> in
                 else:
                     click.echo(tables.event_line(_decode_event(client, line)))
     except KeyboardInterrupt:
-        return exit_codes.OK
+        # Ctrl-C is the normal way to stop following, not a failure.
+        pass
 
     return exit_codes.OK
 

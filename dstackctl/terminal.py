@@ -45,8 +45,10 @@ def watch(render: Callable[[], str], title: str) -> int:
             text = render()
             if terminal:
                 now = datetime.now().strftime("%H:%M:%S")
-                click.echo(f"{CLEAR_SCREEN}Every {WATCH_INTERVAL_S:g}s: {title}  {now}")
-                click.echo(f"\n{text}")
+                # Written directly, since click.echo drops ANSI codes when it
+                # decides that the stream is no terminal.
+                sys.stdout.write(CLEAR_SCREEN)
+                click.echo(f"Every {WATCH_INTERVAL_S:g}s: {title}  {now}\n\n{text}")
             else:
                 click.echo(f"{text}\n")
 
@@ -76,6 +78,7 @@ class Spinner:
         import threading
 
         self._stop = threading.Event()
+        self._write_frame(0)
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
 
@@ -96,10 +99,12 @@ class Spinner:
         sys.stdout.flush()
 
     def _spin(self) -> None:
-        frame = 0
-        while not self._stop.is_set():
-            symbol = _SPINNER_FRAMES[frame % len(_SPINNER_FRAMES)]
-            sys.stdout.write(f"{CLEAR_LINE}{symbol} {self.message}")
-            sys.stdout.flush()
+        frame = 1
+        while not self._stop.wait(_SPINNER_INTERVAL_S):
+            self._write_frame(frame)
             frame += 1
-            self._stop.wait(_SPINNER_INTERVAL_S)
+
+    def _write_frame(self, frame: int) -> None:
+        symbol = _SPINNER_FRAMES[frame % len(_SPINNER_FRAMES)]
+        sys.stdout.write(f"{CLEAR_LINE}{symbol} {self.message}")
+        sys.stdout.flush()

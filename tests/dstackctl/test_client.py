@@ -97,7 +97,7 @@ class TestBodies:
 
         assert client.request("GET", "/v1/runs") == []
 
-    def test_stream_yields_each_chunk_before_the_next_is_sent(
+    def test_stream_yields_chunks_as_they_arrive(
         self, fake_daemon: FakeDaemon, client: Client
     ) -> None:
         release = threading.Event()

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -86,6 +88,25 @@ EVENT = {
     "event": {"type": "PoolCreated", "pool": "gpu"},
     "hash": "00" * 32,
 }
+
+
+@pytest.fixture
+def local_time_utc_plus_two() -> Iterator[None]:
+    """Set this process's local time zone to UTC+2.
+
+    A POSIX TZ string needs no zoneinfo files; its offset is west of UTC, so
+    ``-2`` means two hours east.
+    """
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "TST-2"
+    time.tzset()
+    yield
+    if saved is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = saved
+
+    time.tzset()
 
 
 def invoke(
@@ -309,9 +330,7 @@ class TestRun:
         assert body["env"] == {}
         assert body["reuse"] is False
 
-    def test_attached_run_streams_logs_and_exits_with_task_status(
-        self, fake_daemon: FakeDaemon
-    ) -> None:
+    def test_attached_run_exits_with_task_status(self, fake_daemon: FakeDaemon) -> None:
         fake_daemon.route("POST", "/v1/runs", RUN)
         fake_daemon.route("GET", "/v1/runs/quiet-fox-1/logs", chunks=[b"hello\n", b"x"])
         fake_daemon.route(
@@ -386,7 +405,7 @@ class TestRun:
             ("=x", "'=x': expected KEY=VALUE or KEY"),
         ],
     )
-    def test_invalid_env_is_a_usage_error_naming_the_value(
+    def test_invalid_env_is_usage_error(
         self, fake_daemon: FakeDaemon, env_option: str, message: str
     ) -> None:
         result = invoke(
@@ -531,16 +550,17 @@ class TestOutput:
 
         assert result.stdout_bytes == line + b"\n" + line + b"\n"
 
+    @pytest.mark.usefixtures("local_time_utc_plus_two")
     def test_events_prints_one_line_per_record(self, fake_daemon: FakeDaemon) -> None:
         fake_daemon.route("GET", "/v1/events", chunks=[json.dumps(EVENT).encode()])
 
-        result = invoke(fake_daemon, "events", env={"TZ": "UTC"})
+        result = invoke(fake_daemon, "events")
 
         [line] = result.stdout.splitlines()
         assert line.split() == [
             "7",
             "2025-03-01",
-            "10:00:00",
+            "12:00:00",
             "pool/gpu",
             "PoolCreated",
             "alice",
@@ -616,7 +636,7 @@ class TestErrors:
             (500, "internal", exit_codes.FAILED),
         ],
     )
-    def test_daemon_error_prints_one_line_and_maps_exit_code(
+    def test_daemon_error_maps_exit_code(
         self, fake_daemon: FakeDaemon, status: int, code: str, exit_code: int
     ) -> None:
         fake_daemon.error("POST", "/v1/runs/x/stop", status, code, "run x: the reason")
@@ -658,6 +678,7 @@ class TestErrors:
         result = invoke(fake_daemon, "ps", env={"DSTACKD_SOCKET": elsewhere})
 
         assert result.exit_code == 0
+        assert len(fake_daemon.requests) == 1
 
     @pytest.mark.parametrize(
         "args",

@@ -128,7 +128,7 @@ def test_render_table_aligns_columns_without_trailing_blanks() -> None:
     assert text.splitlines() == ["A    LONG HEADER  C", "xyz  1"]
 
 
-def test_offers_table_numbers_offers_and_formats_spot_and_price() -> None:
+def test_offers_table_numbers_and_formats_offers() -> None:
     offers = [
         {
             "backend": "aws",
@@ -196,7 +196,7 @@ def test_instances_table_shows_idle_time_with_idle_duration() -> None:
     assert lines[2].split()[-5:] == ["spot", "$1.2500", "busy", "quiet-fox-1", "-"]
 
 
-def test_format_idle_computes_from_idle_since_without_idle_seconds() -> None:
+def test_format_idle_falls_back_to_idle_since() -> None:
     instance = make_instance(
         idle_seconds=None, idle_since="2025-03-01T09:50:00Z", idle_duration="off"
     )
@@ -204,7 +204,7 @@ def test_format_idle_computes_from_idle_since_without_idle_seconds() -> None:
     assert tables.format_idle(instance, NOW) == "2h10m/off"
 
 
-def test_runs_table_formats_wait_time_and_local_submission_time() -> None:
+def test_runs_table_formats_wait_and_times() -> None:
     run = make_run()
     queued = make_run(
         name="slow-owl-2",
@@ -285,7 +285,7 @@ def test_pools_table_marks_the_default_pool() -> None:
     assert lines[2].split() == ["gpu", "0", "0", "0", "2025-03-01", "10:00:00"]
 
 
-def test_event_line_shows_position_time_stream_type_actor_and_summary() -> None:
+def test_event_line_shows_all_fields() -> None:
     record = {
         "position": 42,
         "stream": "instance/i-1",
@@ -321,7 +321,7 @@ def test_event_line_shows_position_time_stream_type_actor_and_summary() -> None:
     )
 
 
-def test_summarize_event_quotes_text_with_spaces_and_cuts_long_lines() -> None:
+def test_summarize_event_quotes_and_cuts() -> None:
     event = {"type": "RunFailed", "run_id": "r-1", "reason": "out of memory" * 20}
 
     summary = tables.summarize_event(event)
