@@ -5,6 +5,8 @@ import socket
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dstackctl import exit_codes
 from dstackctl.client import (
@@ -13,6 +15,7 @@ from dstackctl.client import (
     DaemonTimeoutError,
     DaemonUnreachableError,
     ProtocolError,
+    Response,
     api_path,
     default_socket_path,
     encode_query,
@@ -305,3 +308,41 @@ def test_encode_query_skips_none_and_spells_booleans() -> None:
     query = {"after": 5, "follow": True, "all": False, "pool": None, "q": "a&b"}
 
     assert encode_query(query) == "after=5&follow=true&all=false&q=a%26b"
+
+
+def parse_response(wire: bytes) -> Response:
+    """Parse ``wire`` as a response that arrives on a connected socket pair."""
+    reader, writer = socket.socketpair(socket.AF_UNIX)
+    with writer:
+        writer.sendall(wire)
+
+    return Response(reader, "socketpair", "GET", timeout=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(min_size=1, max_size=300), max_size=10))
+def test_chunked_decoding_restores_any_body(chunks: list[bytes]) -> None:
+    framed = b"".join(f"{len(c):x}\r\n".encode() + c + b"\r\n" for c in chunks)
+    wire = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed + b"0\r\n\r\n"
+    )
+
+    with parse_response(wire) as response:
+        body = response.read()
+
+    assert body == b"".join(chunks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=2000))
+def test_iter_lines_splits_like_bytes_split(body: bytes) -> None:
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+    with parse_response(wire) as response:
+        lines = list(response.iter_lines())
+
+    expected = body.split(b"\n")
+    if expected[-1] == b"":
+        expected.pop()
+
+    assert lines == expected
