@@ -135,10 +135,16 @@ class InstanceTerminated(_Event):
 
 
 class InstanceLost(_Event):
-    """The backend no longer knows the instance, though it was alive here."""
+    """The backend no longer knows the instance, though it was alive here.
+
+    ``run_id`` names the run that held the instance, which fails in this same
+    record. Replay finds that run from the instance itself, so the field is for
+    readers of the log who want to see which run failed without a replay.
+    """
 
     instance_id: str
     reason: str
+    run_id: str | None = None
 
 
 # Runs

@@ -4,6 +4,12 @@
 record, never from the clock, so replaying the same records always gives the
 same state. For speed the fold updates ``state`` in place and returns it;
 a caller that needs the old state keeps a copy (``copy_state``).
+
+The daemon appends a run's end and its instance's release as two records, in
+either order. The first of the two frees the instance, so no record leaves a
+busy instance held by an ended run. In the same way, ``InstanceLost`` fails the
+run that held the instance. A terminated instance is final: later events about
+it change nothing.
 """
 
 from collections.abc import Callable, Iterable
@@ -45,6 +51,8 @@ InstanceStatus = Literal[
 RunStatus = Literal["submitted", "provisioning", "running", "done", "failed", "stopped"]
 
 LIVE_INSTANCE_STATUSES = frozenset({"provisioning", "idle", "busy", "terminating"})
+SCHEDULABLE_INSTANCE_STATUSES = frozenset({"provisioning", "idle", "busy"})
+ENDED_INSTANCE_STATUSES = frozenset({"failed", "terminated"})
 ACTIVE_RUN_STATUSES = frozenset({"submitted", "provisioning", "running"})
 
 
@@ -147,9 +155,14 @@ def copy_state(state: State) -> State:
 
 
 def _pool_created(state: State, event: PoolCreated, at: int) -> None:
-    state.pools[event.pool] = Pool(event.pool, at)
+    _add_pool(state, event.pool, at)
+
+
+def _add_pool(state: State, name: str, at: int) -> None:
+    """Add pool ``name``, which becomes the default pool when none is set."""
+    state.pools[name] = Pool(name, at)
     if state.default_pool is None:
-        state.default_pool = event.pool
+        state.default_pool = name
 
 
 def _pool_deleted(state: State, event: PoolDeleted, at: int) -> None:
@@ -174,7 +187,7 @@ def _instance_requested(state: State, event: InstanceRequested, at: int) -> None
         for_run=event.run_id,
     )
     if event.pool not in state.pools and event.pool == DEFAULT_POOL:
-        state.pools[event.pool] = Pool(event.pool, at)
+        _add_pool(state, event.pool, at)
 
     if event.run_id is not None and event.run_id in state.runs:
         run = state.runs[event.run_id]
@@ -197,6 +210,9 @@ def _instance_provisioning_failed(
     state: State, event: InstanceProvisioningFailed, at: int
 ) -> None:
     instance = state.instances[event.instance_id]
+    if instance.status == "terminated":
+        return
+
     instance.status = "failed"
     instance.schedulable = False
     instance.reason = event.reason
@@ -217,6 +233,11 @@ def _instance_claimed(state: State, event: InstanceClaimed, at: int) -> None:
 
 def _instance_released(state: State, event: InstanceReleased, at: int) -> None:
     instance = state.instances[event.instance_id]
+    if instance.run_id != event.run_id:
+        # The run's end already freed the instance, which another run may
+        # hold by now.
+        return
+
     instance.run_id = None
     if instance.status == "busy":
         instance.status = "idle"
@@ -225,6 +246,9 @@ def _instance_released(state: State, event: InstanceReleased, at: int) -> None:
 
 def _instance_idle_expired(state: State, event: InstanceIdleExpired, at: int) -> None:
     instance = state.instances[event.instance_id]
+    if instance.status == "terminated":
+        return
+
     instance.schedulable = False
     instance.status = "terminating"
     instance.terminating_since = at
@@ -235,6 +259,9 @@ def _instance_termination_requested(
     state: State, event: InstanceTerminationRequested, at: int
 ) -> None:
     instance = state.instances[event.instance_id]
+    if instance.status == "terminated":
+        return
+
     instance.schedulable = False
     instance.status = "terminating"
     if instance.terminating_since is None:
@@ -252,17 +279,28 @@ def _instance_termination_failed(
 
 
 def _instance_terminated(state: State, event: InstanceTerminated, at: int) -> None:
-    _end_instance(state.instances[event.instance_id], "terminated", at)
+    instance = state.instances[event.instance_id]
+    if instance.status != "terminated":
+        _end_instance(instance, at)
 
 
 def _instance_lost(state: State, event: InstanceLost, at: int) -> None:
     instance = state.instances[event.instance_id]
+    if instance.status == "terminated":
+        return
+
+    run = state.runs.get(instance.run_id or "")
+    if run is not None and run.status in ACTIVE_RUN_STATUSES:
+        run.status = "failed"
+        run.reason = f"instance {instance.id} lost: {event.reason}"
+        run.ended_at = at
+
     instance.reason = event.reason
-    _end_instance(instance, "terminated", at)
+    _end_instance(instance, at)
 
 
-def _end_instance(instance: Instance, status: InstanceStatus, at: int) -> None:
-    instance.status = status
+def _end_instance(instance: Instance, at: int) -> None:
+    instance.status = "terminated"
     instance.schedulable = False
     instance.run_id = None
     instance.idle_since = None
@@ -293,19 +331,17 @@ def _run_started(state: State, event: RunStarted, at: int) -> None:
 def _run_finished(state: State, event: RunFinished, at: int) -> None:
     run = state.runs[event.run_id]
     run.exit_status = event.exit_status
-    run.status = "done" if event.exit_status == 0 else "failed"
     if event.exit_status != 0:
         run.reason = f"exited with status {event.exit_status}"
 
-    run.ended_at = at
+    _end_run(state, run, "done" if event.exit_status == 0 else "failed", at)
 
 
 def _run_failed(state: State, event: RunFailed, at: int) -> None:
     run = state.runs[event.run_id]
-    run.status = "failed"
     run.reason = event.reason
     run.exit_status = event.exit_status
-    run.ended_at = at
+    _end_run(state, run, "failed", at)
 
 
 def _run_stop_requested(state: State, event: RunStopRequested, at: int) -> None:
@@ -316,9 +352,23 @@ def _run_stop_requested(state: State, event: RunStopRequested, at: int) -> None:
 
 def _run_stopped(state: State, event: RunStopped, at: int) -> None:
     run = state.runs[event.run_id]
-    run.status = "stopped"
     run.exit_status = event.exit_status
+    _end_run(state, run, "stopped", at)
+
+
+def _end_run(state: State, run: Run, status: RunStatus, at: int) -> None:
+    """End ``run`` and free the instance it still holds, idle from ``at``.
+
+    When the ``InstanceReleased`` record came first, the instance is free
+    already. When it comes second, it changes nothing.
+    """
+    run.status = status
     run.ended_at = at
+    instance = state.instances.get(run.instance_id or "")
+    if instance is not None and instance.status == "busy" and instance.run_id == run.id:
+        instance.status = "idle"
+        instance.run_id = None
+        instance.idle_since = at
 
 
 _HANDLERS: dict[type, Callable[[State, object, int], None]] = {
@@ -369,37 +419,97 @@ def replay(records: Iterable[Record], state: State | None = None) -> State:
 
 
 def check_invariants(state: State) -> list[str]:
-    """Return a description of each broken invariant; empty when all hold."""
-    problems = []
-    holders: dict[str, str] = {}
+    """Return a description of each broken invariant; empty when all hold.
+
+    The invariants: a busy instance is held by one active run, which points
+    back at it, and no other instance is held by a run. An idle instance has
+    ``idle_since``.
+    Only provisioning, idle and busy instances are schedulable. No two active
+    runs claim one instance, and an active run's instance has not ended. A
+    running run has an instance, and every instance a run names exists. The
+    default pool, when set, exists.
+    """
+    problems: list[str] = []
     for instance in state.instances.values():
-        if instance.status == "busy":
-            run = state.runs.get(instance.run_id or "")
-            if run is None or run.status not in ACTIVE_RUN_STATUSES:
-                problems.append(
-                    f"instance {instance.id} is busy with inactive run {instance.run_id}"
-                )
+        problems.extend(_instance_problems(state, instance))
 
-            if run is not None and run.instance_id != instance.id:
-                problems.append(
-                    f"instance {instance.id} holds run {run.id}, "
-                    f"which points at {run.instance_id}"
-                )
+    problems.extend(_run_problems(state))
+    if state.default_pool is not None and state.default_pool not in state.pools:
+        problems.append(f"default pool {state.default_pool} does not exist")
 
-        if instance.status == "idle" and instance.idle_since is None:
-            problems.append(f"idle instance {instance.id} has no idle_since")
+    return problems
 
-        if instance.status != "busy" and instance.run_id is not None:
-            problems.append(f"{instance.status} instance {instance.id} holds a run")
 
+def _instance_problems(state: State, instance: Instance) -> list[str]:
+    problems = []
+    label = f"{instance.status} instance {instance.id}"
+    if instance.status == "busy":
+        problems.extend(_holder_problems(state, instance))
+    elif instance.run_id is not None:
+        problems.append(f"{label} is still held by run {instance.run_id}")
+
+    if instance.status == "idle" and instance.idle_since is None:
+        problems.append(f"{label} has no idle_since")
+
+    if instance.schedulable and instance.status not in SCHEDULABLE_INSTANCE_STATUSES:
+        problems.append(f"{label} is schedulable")
+
+    return problems
+
+
+def _holder_problems(state: State, instance: Instance) -> list[str]:
+    """Check that busy ``instance`` is held by an active run that points back."""
+    if instance.run_id is None:
+        return [f"busy instance {instance.id} is held by no run"]
+
+    run = state.runs.get(instance.run_id)
+    if run is None:
+        return [f"busy instance {instance.id} is held by unknown run {instance.run_id}"]
+
+    problems = []
+    if run.status not in ACTIVE_RUN_STATUSES:
+        problems.append(
+            f"busy instance {instance.id} is held by run {run.id}, "
+            f"which is {run.status}"
+        )
+
+    if run.instance_id != instance.id:
+        problems.append(
+            f"busy instance {instance.id} is held by run {run.id}, "
+            f"which points at instance {run.instance_id}"
+        )
+
+    return problems
+
+
+def _run_problems(state: State) -> list[str]:
+    problems = []
+    claimed_by: dict[str, str] = {}
     for run in state.runs.values():
-        if run.status in ACTIVE_RUN_STATUSES and run.instance_id is not None:
-            other = holders.get(run.instance_id)
-            if other is not None:
-                problems.append(
-                    f"instance {run.instance_id} held by runs {other} and {run.id}"
-                )
+        instance = state.instances.get(run.instance_id or "")
+        if run.instance_id is not None and instance is None:
+            problems.append(
+                f"run {run.id} points at unknown instance {run.instance_id}"
+            )
 
-            holders[run.instance_id] = run.id
+        if run.status not in ACTIVE_RUN_STATUSES:
+            continue
+
+        if run.status == "running" and run.instance_id is None:
+            problems.append(f"running run {run.id} has no instance")
+
+        if instance is not None and instance.status in ENDED_INSTANCE_STATUSES:
+            problems.append(
+                f"{run.status} run {run.id} is on {instance.status} "
+                f"instance {instance.id}"
+            )
+
+        if run.instance_id is not None:
+            holder = claimed_by.setdefault(run.instance_id, run.id)
+            if holder != run.id:
+                problems.append(
+                    f"instance {run.instance_id} is claimed by active runs "
+                    f"{holder} and {run.id}"
+                )
 
     return problems
