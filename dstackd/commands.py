@@ -1,0 +1,433 @@
+"""Commands from the socket API, checked against the projection and turned into events.
+
+Every command validates its input before taking the decision lock, re-checks
+the state under the lock and appends all its events in one batch. A rejected
+command raises a ``CommandError`` and appends nothing.
+"""
+
+import re
+
+import anyio
+import structlog
+
+from dstackd import api
+from dstackd.backends.base import Backend
+from dstackd.core import Core
+from dstackd.errors import ConflictError, InvalidRequestError, NotFoundError
+from dstackd.placement import choose_instance, describe_rejections
+from dstackd.reaper import IdleReaper
+from dstackd.runs import RunFiles
+from dstackd.scheduler import Scheduler, new_instance_id, new_run_id
+from events.event_types import (
+    DefaultPoolSet,
+    InstanceRequested,
+    InstanceTerminationRequested,
+    PoolCreated,
+    PoolDeleted,
+    RunFailed,
+    RunSpec,
+    RunStopped,
+    RunStopRequested,
+    RunSubmitted,
+)
+from events.grammar import build_requirements, parse_duration
+from events.matching import mismatch
+from events.model import POOL_ADDED_IDLE_DURATION, Actor, Offer, Requirements
+from events.projection import (
+    ACTIVE_RUN_STATUSES,
+    DEFAULT_POOL,
+    LIVE_INSTANCE_STATUSES,
+    Instance,
+    Run,
+)
+from events.record import NewEvent
+
+log = structlog.get_logger("dstackd.commands")
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME_RULE = "1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+
+# How long a forced pool delete waits for its instances to terminate.
+POOL_DELETE_TIMEOUT_SECONDS = 120.0
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidRequestError(f"invalid {kind} name {name!r}: expected {NAME_RULE}")
+
+    return name
+
+
+def requirements_from(args: api.ResourceArgs) -> Requirements:
+    return build_requirements(
+        cpu=args.cpu,
+        memory=args.memory,
+        disk=args.disk,
+        gpu=args.gpu,
+        spot_policy=args.spot_policy,
+        max_price=args.max_price,
+        backends=tuple(args.backends) if args.backends is not None else None,
+    )
+
+
+class Commands:
+    """The daemon's command handlers; one method per request type."""
+
+    def __init__(
+        self,
+        core: Core,
+        scheduler: Scheduler,
+        reaper: IdleReaper,
+        backends: dict[str, Backend],
+        run_files: RunFiles,
+    ) -> None:
+        self.core = core
+        self.scheduler = scheduler
+        self.reaper = reaper
+        self.backends = backends
+        self.run_files = run_files
+
+    # Lookups
+
+    def pool_exists(self, name: str) -> bool:
+        return name in self.core.state.pools or name == DEFAULT_POOL
+
+    def resolve_pool(self, name: str | None) -> str:
+        if name is None:
+            return self.core.state.default_pool_name()
+
+        if not self.pool_exists(name):
+            known = ", ".join(sorted(set(self.core.state.pools) | {DEFAULT_POOL}))
+            raise NotFoundError(
+                "pool", name, f"create it with 'dstackctl pool create {name}' or use one of: {known}"
+            )
+
+        return name
+
+    def find_instance(self, name: str, *, live_only: bool = True) -> Instance:
+        matches = [
+            instance
+            for instance in self.core.state.instances.values()
+            if name in (instance.name, instance.id)
+            and (not live_only or instance.status in LIVE_INSTANCE_STATUSES)
+        ]
+        if not matches:
+            raise NotFoundError("instance", name, "list instances with 'dstackctl pool ps'")
+
+        return matches[-1]
+
+    def find_run(self, name: str) -> Run:
+        state = self.core.state
+        if name in state.runs:
+            return state.runs[name]
+
+        for run in reversed(state.runs.values()):
+            if run.name == name:
+                return run
+
+        raise NotFoundError("run", name, "list runs with 'dstackctl ps -a'")
+
+    def _pool_creation(self, pool: str) -> list[NewEvent]:
+        """Create the implicit default pool on first use, so it is recorded."""
+        if pool in self.core.state.pools:
+            return []
+
+        return [NewEvent(f"pool/{pool}", PoolCreated(pool), expected_version=0)]
+
+    # Pools
+
+    async def create_pool(self, request: api.CreatePool, actor: Actor) -> str:
+        name = check_name("pool", request.name)
+        async with self.core.lock:
+            if name in self.core.state.pools:
+                raise ConflictError(f"pool {name!r} already exists")
+
+            await self.core.commit(
+                [NewEvent(f"pool/{name}", PoolCreated(name), expected_version=0)], actor
+            )
+
+        return name
+
+    async def set_default_pool(self, name: str, actor: Actor) -> str:
+        async with self.core.lock:
+            self.resolve_pool(name)
+            entries = self._pool_creation(name)
+            entries.append(NewEvent(f"pool/{name}", DefaultPoolSet(name)))
+            await self.core.commit(entries, actor)
+
+        return name
+
+    async def delete_pool(self, name: str, force: bool, actor: Actor) -> str:
+        async with self.core.lock:
+            self.resolve_pool(name)
+            state = self.core.state
+            live = [
+                i
+                for i in state.instances.values()
+                if i.pool == name and i.status in LIVE_INSTANCE_STATUSES
+            ]
+            active = [
+                r for r in state.runs.values() if r.pool == name and r.status in ACTIVE_RUN_STATUSES
+            ]
+            if (live or active) and not force:
+                raise ConflictError(
+                    f"pool {name!r} has {len(live)} live instances and {len(active)} "
+                    f"active runs; remove them first or use --force"
+                )
+
+            entries: list[NewEvent] = []
+            for run in active:
+                if run.instance_id is None:
+                    reason = f"pool {name} was deleted"
+                    entries.append(NewEvent(f"run/{run.id}", RunFailed(run.id, reason)))
+
+            for instance in live:
+                if instance.status != "terminating":
+                    entries.append(
+                        NewEvent(
+                            f"instance/{instance.id}",
+                            InstanceTerminationRequested(
+                                instance.id, f"pool {name} deleted by {actor.name}"
+                            ),
+                        )
+                    )
+
+            if entries:
+                await self.core.commit(entries, actor)
+
+        for instance in live:
+            self.reaper.terminate_soon(instance.id)
+
+        await self._wait_terminated([instance.id for instance in live])
+        async with self.core.lock:
+            if name in self.core.state.pools:
+                await self.core.commit([NewEvent(f"pool/{name}", PoolDeleted(name))], actor)
+
+        return name
+
+    async def _wait_terminated(self, instance_ids: list[str]) -> None:
+        with anyio.move_on_after(POOL_DELETE_TIMEOUT_SECONDS):
+            while any(
+                self.core.state.instances[i].status != "terminated" for i in instance_ids
+            ):
+                await self.core.wait_changed()
+
+    # Instances
+
+    async def list_offers(self, request: api.ListOffers) -> list[Offer]:
+        requirements = requirements_from(request.resources)
+        if request.pool is not None:
+            self.resolve_pool(request.pool)
+
+        offers = await self.scheduler.list_offers(requirements)
+        if request.max_offers is not None:
+            offers = offers[: max(request.max_offers, 0)]
+
+        return offers
+
+    async def add_instance(self, request: api.AddInstance, actor: Actor) -> str:
+        requirements = requirements_from(request.resources)
+        idle_duration = (
+            POOL_ADDED_IDLE_DURATION
+            if request.idle_duration is None
+            else parse_duration(request.idle_duration, "idle duration")
+        )
+        if request.name is not None:
+            check_name("instance", request.name)
+
+        offers = await self.scheduler.list_offers(requirements)
+        offer = self._pick_offer(request.offer, offers, requirements)
+        instance_id = new_instance_id()
+        async with self.core.lock:
+            pool = self.resolve_pool(request.pool)
+            name = request.name or self.scheduler.next_instance_name(offer.backend)
+            if any(
+                i.name == name and i.status in LIVE_INSTANCE_STATUSES
+                for i in self.core.state.instances.values()
+            ):
+                raise ConflictError(f"instance name {name!r} is taken; choose another --name")
+
+            entries = self._pool_creation(pool)
+            entries.append(
+                NewEvent(
+                    f"instance/{instance_id}",
+                    InstanceRequested(
+                        instance_id=instance_id,
+                        name=name,
+                        pool=pool,
+                        offer=offer,
+                        idle_duration=idle_duration,
+                        requirements=requirements,
+                    ),
+                    expected_version=0,
+                )
+            )
+            await self.core.commit(entries, actor)
+
+        await self.scheduler.provision(instance_id)
+
+        return instance_id
+
+    def _pick_offer(
+        self, confirmed: Offer | None, offers: list[Offer], requirements: Requirements
+    ) -> Offer:
+        if confirmed is not None:
+            reason = mismatch(requirements, confirmed)
+            if reason is not None:
+                raise InvalidRequestError(f"the confirmed offer does not fit: {reason}")
+
+            if confirmed not in offers:
+                raise ConflictError(
+                    "the confirmed offer is no longer available; run the command again "
+                    "to see current offers"
+                )
+
+            return confirmed
+
+        if not offers:
+            raise ConflictError("no backend offers an instance that fits these requirements")
+
+        return offers[0]
+
+    async def remove_instance(self, name: str, force: bool, actor: Actor) -> str:
+        async with self.core.lock:
+            instance = self.find_instance(name)
+            if instance.status == "busy" and not force:
+                run = self.core.state.runs.get(instance.run_id or "")
+                raise ConflictError(
+                    f"instance {instance.name} is busy with run "
+                    f"{run.name if run else instance.run_id}; use --force to fail "
+                    "that run and remove the instance"
+                )
+
+            if instance.status != "terminating":
+                await self.core.commit(
+                    [
+                        NewEvent(
+                            f"instance/{instance.id}",
+                            InstanceTerminationRequested(
+                                instance.id, f"removed by {actor.name}"
+                            ),
+                        )
+                    ],
+                    actor,
+                )
+
+        self.reaper.terminate_soon(instance.id)
+
+        return instance.id
+
+    async def stop_instance_run(self, instance_id: str) -> None:
+        """Stop the run on an instance about to be terminated, and wait for it."""
+        instance = self.core.state.instances[instance_id]
+        run_id = instance.run_id
+        if run_id is None:
+            return
+
+        await self.scheduler.stop(run_id, abort=False)
+        with anyio.move_on_after(60):
+            while self.core.state.instances[instance_id].run_id is not None:
+                await self.core.wait_changed()
+
+    # Runs
+
+    async def submit_run(self, request: api.SubmitRun, actor: Actor) -> str:
+        spec = self._run_spec(request)
+        run_id = new_run_id()
+        name = request.name or run_id
+        if request.name is not None:
+            check_name("run", request.name)
+
+        async with self.core.lock:
+            pool = self.resolve_pool(request.pool)
+            state = self.core.state
+            if any(
+                r.name == name and r.status in ACTIVE_RUN_STATUSES
+                for r in state.runs.values()
+            ):
+                raise ConflictError(f"a run named {name!r} is still active; choose another --name")
+
+            if spec.instance is not None:
+                instance = self.find_instance(spec.instance)
+                if instance.pool != pool:
+                    raise InvalidRequestError(
+                        f"instance {spec.instance} is in pool {instance.pool}, not {pool}"
+                    )
+
+            if spec.creation_policy == "reuse" or spec.instance is not None:
+                self._check_reusable(pool, spec, name)
+
+            self.run_files.prepare(run_id, dict(request.env))
+            entries = self._pool_creation(pool)
+            entries.append(
+                NewEvent(
+                    f"run/{run_id}",
+                    RunSubmitted(run_id, name, pool, spec, actor.name, actor.uid),
+                    expected_version=0,
+                )
+            )
+            await self.core.commit(entries, actor)
+
+        return run_id
+
+    def _check_reusable(self, pool: str, spec: RunSpec, name: str) -> None:
+        """Reject a reuse-only run that no live instance of the pool could take."""
+        probe = Run(
+            id="", name=name, pool=pool, spec=spec, user="", uid=None, submitted_at=0
+        )
+        placement = choose_instance(self.core.state, probe)
+        if placement.instance_id is None and not placement.wait:
+            raise ConflictError(
+                f"no instance in pool {pool} fits this run and --reuse forbids "
+                f"provisioning one: {describe_rejections(placement.candidates)}"
+            )
+
+    def _run_spec(self, request: api.SubmitRun) -> RunSpec:
+        if bool(request.argv) == bool(request.commands):
+            raise InvalidRequestError("give either argv or commands, and not both")
+
+        if request.type != "task":
+            raise InvalidRequestError(
+                f"invalid run type {request.type!r}: only 'task' is supported so far"
+            )
+
+        for key in request.env:
+            if not _ENV_NAME.match(key):
+                raise InvalidRequestError(
+                    f"invalid environment variable name {key!r}: expected letters, "
+                    "digits and '_', not starting with a digit"
+                )
+
+        idle = request.idle_duration
+        max_duration = request.max_duration
+        return RunSpec(
+            type="task",
+            argv=tuple(request.argv),
+            commands=tuple(request.commands),
+            env_names=tuple(sorted(request.env)),
+            working_dir=request.working_dir,
+            requirements=requirements_from(request.resources),
+            creation_policy="reuse" if request.reuse else "reuse-or-create",
+            instance=request.instance,
+            idle_duration=None if idle is None else parse_duration(idle, "idle duration"),
+            max_duration=(
+                None if max_duration is None else parse_duration(max_duration, "max duration")
+            ),
+        )
+
+    async def stop_run(self, name: str, abort: bool, actor: Actor) -> str:
+        async with self.core.lock:
+            run = self.find_run(name)
+            if run.status not in ACTIVE_RUN_STATUSES:
+                return run.id
+
+            entries = [NewEvent(f"run/{run.id}", RunStopRequested(run.id, abort))]
+            if run.status == "submitted":
+                entries.append(NewEvent(f"run/{run.id}", RunStopped(run.id)))
+
+            await self.core.commit(entries, actor)
+
+        await self.scheduler.stop(run.id, abort=abort)
+
+        return run.id
