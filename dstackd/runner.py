@@ -42,6 +42,10 @@ START_TIMEOUT_SECONDS = 30.0
 # before the daemon kills the tree itself.
 KILL_TIMEOUT_SECONDS = 5.0
 
+# How long the fork server may take to exit once its stdin is closed before it
+# is killed. Killing it does not affect runs, which belong to supervisors.
+SPAWNER_EXIT_TIMEOUT_SECONDS = 5.0
+
 
 class RunStartError(DstackdError):
     """The fork server or the supervisor could not start a run."""
@@ -67,6 +71,10 @@ class SpawnerError(DstackdError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"the run fork server failed: {reason}")
+
+
+class _SpawnerExited(Exception):
+    """End of file on the fork server's stdout: it exited."""
 
 
 class RunLaunch(msgspec.Struct, frozen=True, kw_only=True):
@@ -343,14 +351,31 @@ class LocalRunner:
     async def _round_trip(self, run_id: str, request: bytes) -> _SpawnReply:
         async with self._lock:
             await self._send_locked(request)
-            while True:
-                reply = self._decode_reply(await self._read_line_locked())
-                if reply.run_id == run_id:
-                    return reply
+            try:
+                return await self._read_reply_locked(run_id)
+            except _SpawnerExited:
+                pass
 
-                log.warning(
-                    "spawner_reply_discarded", run_id=reply.run_id, error=reply.error
-                )
+            # A supervisor keeps the server's stdout open until it replied, so
+            # end of file without a reply means the server died before forking
+            # one, and sending the request again is safe.
+            # NOTE: a supervisor killed between starting the task and replying
+            # also ends in end of file; its task then runs twice.
+            await self._send_locked(request)
+            try:
+                return await self._read_reply_locked(run_id)
+            except _SpawnerExited as exc:
+                raise SpawnerError("it exited twice without a reply") from exc
+
+    async def _read_reply_locked(self, run_id: str) -> _SpawnReply:
+        while True:
+            reply = self._decode_reply(await self._read_line_locked())
+            if reply.run_id == run_id:
+                return reply
+
+            log.warning(
+                "spawner_reply_discarded", run_id=reply.run_id, error=reply.error
+            )
 
     def _decode_reply(self, line: bytes) -> _SpawnReply:
         try:
@@ -377,7 +402,7 @@ class LocalRunner:
             except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
                 # The next request starts a new fork server.
                 await self._close_spawner_locked()
-                raise SpawnerError("it exited (end of file on its stdout)") from exc
+                raise _SpawnerExited from exc
 
             self._pending += chunk
 
@@ -393,8 +418,11 @@ class LocalRunner:
             [self._python, "-I", "-S", spawner.__file__], stderr=None
         )
         self._pending = b""
-        with anyio.fail_after(START_TIMEOUT_SECONDS):
-            ready = self._decode_reply(await self._read_line_locked())
+        try:
+            with anyio.fail_after(START_TIMEOUT_SECONDS):
+                ready = self._decode_reply(await self._read_line_locked())
+        except _SpawnerExited as exc:
+            raise SpawnerError("it exited before it was ready") from exc
 
         log.info("spawner_started", pid=ready.pid)
 
@@ -409,7 +437,17 @@ class LocalRunner:
             return
 
         self._process = None
-        await process.aclose()
+        # On timeout, aclose kills the process and waits for it.
+        with anyio.move_on_after(SPAWNER_EXIT_TIMEOUT_SECONDS) as scope:
+            await process.aclose()
+
+        if scope.cancelled_caught:
+            log.warning(
+                "spawner_killed",
+                pid=process.pid,
+                timeout_seconds=SPAWNER_EXIT_TIMEOUT_SECONDS,
+            )
+
         log.info("spawner_exited", pid=process.pid, returncode=process.returncode)
 
     @property

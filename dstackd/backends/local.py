@@ -415,7 +415,12 @@ class LocalBackend:
         return round(self._inventory.price_per_hour * max(shares), 6)
 
     def _provisioned(self, reservation: Reservation) -> Provisioned:
-        gpus = tuple(self._gpus_by_index[i] for i in reservation.gpu_indices)
+        # A restored reservation may name GPUs that a changed inventory dropped.
+        gpus = tuple(
+            self._gpus_by_index[i]
+            for i in reservation.gpu_indices
+            if i in self._gpus_by_index
+        )
         resources = Resources(
             cpus=len(reservation.cpu_ids),
             memory_gb=reservation.memory_gb,

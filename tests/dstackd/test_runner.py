@@ -83,13 +83,21 @@ class Runs:
                 pass
 
 
+async def start_runner() -> LocalRunner:
+    with anyio.fail_after(WAIT_SECONDS):
+        return await LocalRunner.start_spawner()
+
+
+async def close_runner(runner: LocalRunner) -> None:
+    with anyio.fail_after(WAIT_SECONDS):
+        await runner.aclose()
+
+
 @pytest.fixture
 async def runner() -> AsyncIterator[LocalRunner]:
-    with anyio.fail_after(WAIT_SECONDS):
-        runner = await LocalRunner.start_spawner()
-
+    runner = await start_runner()
     yield runner
-    await runner.aclose()
+    await close_runner(runner)
 
 
 @pytest.fixture
@@ -287,7 +295,7 @@ class TestEnvironment:
                 "stdin": os.read(0, 10).decode(),
             }))
         """
-        runner = await LocalRunner.start_spawner()
+        runner = await start_runner()
         try:
             runs = Runs(runner, run_root)
             handle = await runs.start(
@@ -299,7 +307,7 @@ class TestEnvironment:
             )
             assert await runs.wait(handle) == 0
         finally:
-            await runner.aclose()
+            await close_runner(runner)
 
         report = json.loads(Path(handle.log_path).read_text())
         env = report["env"]
@@ -509,7 +517,7 @@ class TestAdoption:
     async def test_new_runner_adopts_live_run(
         self, run_root: Path, ending: str
     ) -> None:
-        first = Runs(await LocalRunner.start_spawner(), run_root)
+        first = Runs(await start_runner(), run_root)
         fifo = first.fifo("pid")
         handle = await first.start("r1", commands=[SIGNAL_TASK.format(fifo=fifo)])
         task_pid = int(await read_fifo_line(fifo))
@@ -520,8 +528,8 @@ class TestAdoption:
         if ending == "spawner-killed":
             os.kill(spawner_pid, signal.SIGKILL)
 
-        await first.runner.aclose()
-        second = Runs(await LocalRunner.start_spawner(), run_root)
+        await close_runner(first.runner)
+        second = Runs(await start_runner(), run_root)
         try:
             adopted = second.runner.adopt(
                 "r1", handle.pid, handle.pid_start_time, handle.run_dir
@@ -535,20 +543,20 @@ class TestAdoption:
         finally:
             second.handles.append(handle)
             await second.cleanup()
-            await second.runner.aclose()
+            await close_runner(second.runner)
 
     async def test_run_ended_unwatched_leaves_exit_status(self, run_root: Path) -> None:
-        first = Runs(await LocalRunner.start_spawner(), run_root)
+        first = Runs(await start_runner(), run_root)
         handle = await first.start("r1", commands=["exit 5"])
-        await first.runner.aclose()
+        await close_runner(first.runner)
         await wait_for_exit(handle.pid)
-        second = await LocalRunner.start_spawner()
+        second = await start_runner()
         try:
             adopted = second.adopt(
                 "r1", handle.pid, handle.pid_start_time, handle.run_dir
             )
         finally:
-            await second.aclose()
+            await close_runner(second)
 
         assert adopted is None
         assert read_exit_status(handle.run_dir) == 5
