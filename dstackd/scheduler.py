@@ -117,7 +117,10 @@ class Scheduler:
                     to_launch.append(run.id)
                     continue
 
-                if placement.wait:
+                reuse_only = (
+                    run.spec.creation_policy == "reuse" or run.spec.instance is not None
+                )
+                if placement.wait and reuse_only:
                     continue
 
                 entry = await self._decide_without_instance(run, placement)
@@ -138,7 +141,11 @@ class Scheduler:
     async def _decide_without_instance(
         self, run: Run, placement: Placement
     ) -> NewEvent | None:
-        """Provision for ``run`` or fail it; None leaves it queued."""
+        """Provision for ``run`` or fail it; None leaves it queued.
+
+        A run that may create instances provisions even while a fitting one is
+        busy; it waits only when no backend offers one.
+        """
         if run.spec.creation_policy == "reuse" or run.spec.instance is not None:
             reason = "no instance in pool {} fits: {}".format(
                 run.pool, describe_rejections(placement.candidates)
@@ -147,6 +154,9 @@ class Scheduler:
 
         offers = await self.list_offers(run.spec.requirements)
         decision = choose_offer(run, offers, placement.candidates)
+        if decision.offer is None and placement.wait:
+            return None
+
         if decision.offer is None:
             reason = "no idle instance in pool {} fits and no backend offers one: {}".format(
                 run.pool, describe_rejections(decision.candidates)
