@@ -31,7 +31,9 @@ from dstackctl.options import (
     resource_args,
     resource_options,
 )
+from dstackctl.attach import attach
 from dstackctl.pool import json_option, pool
+from dstackctl.run_config import apply, config_fields, file_option, profile_option
 
 # Seconds the daemon may hold one ``/runs/{name}/wait`` request open.
 RUN_WAIT_TIMEOUT_S = 30
@@ -76,6 +78,8 @@ def cli(ctx: click.Context, socket_path: str | None) -> None:
 
 
 cli.add_command(pool)
+cli.add_command(apply)
+cli.add_command(attach)
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -110,11 +114,15 @@ cli.add_command(pool)
     metavar="DIR",
     help="Working directory of the command [default: the current directory].",
 )
-@click.argument("command", nargs=-1, required=True)
+@file_option
+@profile_option
+@click.argument("command", nargs=-1)
 @click.pass_obj
 def run(
     client: Client,
     /,
+    config_path: str | None,
+    profile: str | None,
     pool_name: str | None,
     idle_duration: str | None,
     reuse: bool,
@@ -127,22 +135,31 @@ def run(
     command: tuple[str, ...],
     **resource_params: Any,
 ) -> int:
-    """Run COMMAND as a task and stream its output.
+    """Run COMMAND as a task, or the run that -f FILE describes, and stream
+    its output.
 
     Options go before COMMAND; put -- before COMMAND when it starts with a dash.
-    Without -d, the exit code is the task's.
+    With -f, COMMAND is optional and replaces the file's commands. Without -d,
+    the exit code is the task's.
     """
+    if not command and config_path is None:
+        raise click.UsageError("give COMMAND, or a run configuration with -f FILE")
+
+    if working_dir is None and config_path is None:
+        working_dir = os.getcwd()
+
     body = {
         "argv": list(command),
         "name": name,
         "pool": pool_name,
         "resources": resource_args(resource_params),
         "env": env,
-        "working_dir": os.path.abspath(working_dir or os.getcwd()),
+        "working_dir": None if working_dir is None else os.path.abspath(working_dir),
         "idle_duration": idle_duration,
         "max_duration": max_duration,
         "reuse": reuse,
         "instance": instance,
+        **config_fields(config_path, profile),
     }
     view = client.request("POST", "/v1/runs", body=drop_none(body))
     if detach:

@@ -20,6 +20,7 @@ Routes (all under ``/v1``)::
     GET    /runs/{name}                   -> RunView
     GET    /runs/{name}/wait?timeout=S    -> RunView (when the run ended, or at timeout)
     POST   /runs/{name}/stop StopRun      -> RunView
+    POST   /runs/{name}/attach            -> AttachTarget
     GET    /runs/{name}/logs?follow=true&offset=N -> the log bytes, streamed
     GET    /events?after=N&follow=true    -> EventView per line (JSON lines)
 
@@ -90,8 +91,35 @@ class AddInstance(_Request):
     offer: Offer | None = None
 
 
+class ConfigFile(_Request):
+    """A YAML file read by the client: its absolute path and its text."""
+
+    path: str
+    text: str
+
+
+class ProbeArgs(_Request):
+    path: str | None = None
+    interval: str | None = None
+    timeout: str | None = None
+
+
+class RetryArgs(_Request):
+    """``on_events`` names retry events; ``duration`` is a duration text."""
+
+    on_events: list[str] | None = None
+    duration: str | None = None
+
+
 class SubmitRun(_Request):
-    """Submit a run. Exactly one of ``argv`` and ``commands`` is non-empty."""
+    """Submit a run. Exactly one of ``argv`` and ``commands`` is non-empty,
+    except for a dev environment, which has neither.
+
+    ``config`` is a run configuration file and ``profiles`` are profile files
+    (the first one wins on a name found in several). Fields given here override
+    the file, the file overrides the profile, and ``profile`` names the profile
+    to use instead of the one marked ``default``.
+    """
 
     argv: list[str] = []
     commands: list[str] = []
@@ -105,6 +133,17 @@ class SubmitRun(_Request):
     max_duration: str | None = None
     reuse: bool = False
     instance: str | None = None
+    config: ConfigFile | None = None
+    profiles: list[ConfigFile] = []
+    profile: str | None = None
+    creation_policy: str | None = None
+    ports: list[int] = []
+    port: int | None = None
+    probe: ProbeArgs | None = None
+    max_restarts: int | None = None
+    retry: RetryArgs | None = None
+    init: list[str] = []
+    inactivity_duration: str | None = None
 
 
 class StopRun(_Request):
@@ -152,10 +191,25 @@ class InstanceView(msgspec.Struct, frozen=True):
     reason: str | None = None
 
 
+class AttemptView(msgspec.Struct, frozen=True):
+    """An ended attempt of a retried run; times are ISO 8601 in UTC."""
+
+    number: int
+    trigger: str
+    reason: str
+    instance: str | None
+    started_at: str | None
+    ended_at: str | None
+    exit_status: int | None
+
+
 class RunView(msgspec.Struct, frozen=True):
     """A run for tables; times are ISO 8601 in UTC.
 
-    ``wait_ms`` is the time from submission to the process start.
+    ``wait_ms`` is the time from submission to the process start. ``status``
+    is ``starting`` for a service whose readiness probe has not passed yet.
+    ``url`` is where a ready service answered. ``attempt`` counts from 1 and
+    ``history`` lists the attempts that ended in a retry.
     """
 
     id: str
@@ -173,6 +227,30 @@ class RunView(msgspec.Struct, frozen=True):
     reason: str | None
     wait_ms: float | None
     log_path: str
+    url: str | None = None
+    ports: list[int] = []
+    attempt: int = 1
+    restarts: int = 0
+    history: list[AttemptView] = []
+
+
+class AttachTarget(msgspec.Struct, frozen=True):
+    """How ``dstackctl attach`` reaches a run.
+
+    ``method`` is ``local`` for runs on this machine: ports are reachable on
+    ``host`` as they are, and ``socket`` (an abstract Unix socket name, or
+    ``None`` for runs other than dev environments) serves shells in the run.
+    """
+
+    run: str
+    type: str
+    status: str
+    backend: str
+    method: str
+    host: str
+    ports: list[int] = []
+    url: str | None = None
+    socket: str | None = None
 
 
 class EventView(msgspec.Struct, frozen=True):

@@ -16,8 +16,10 @@ from dstackd.core import Core
 from dstackd.errors import ConflictError, InvalidRequestError, NotFoundError
 from dstackd.placement import choose_instance, describe_rejections
 from dstackd.reaper import IdleReaper
+from dstackd.run_limits import retries_on
 from dstackd.runs import RunFiles
 from dstackd.scheduler import Scheduler, new_instance_id, new_run_id
+from dstackd.submission import build_run_spec, resolve_request
 from events.event_types import (
     DefaultPoolSet,
     InstanceClaimed,
@@ -46,7 +48,6 @@ from events.record import NewEvent
 log = structlog.get_logger("dstackd.commands")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAME_RULE = "1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit"
 
 # How long a forced pool delete waits for its instances to terminate.
@@ -334,6 +335,7 @@ class Commands:
     # Runs
 
     async def submit_run(self, request: api.SubmitRun, actor: Actor) -> str:
+        request = resolve_request(request)
         spec = self._run_spec(request)
         run_id = new_run_id()
         name = request.name or run_id
@@ -356,7 +358,9 @@ class Commands:
                         f"instance {spec.instance} is in pool {instance.pool}, not {pool}"
                     )
 
-            if spec.creation_policy == "reuse" or spec.instance is not None:
+            if (
+                spec.creation_policy == "reuse" or spec.instance is not None
+            ) and not retries_on(spec, "no-capacity"):
                 self._check_reusable(pool, spec, name)
 
             self.run_files.prepare(run_id, dict(request.env))
@@ -418,37 +422,7 @@ class Commands:
             )
 
     def _run_spec(self, request: api.SubmitRun) -> RunSpec:
-        if bool(request.argv) == bool(request.commands):
-            raise InvalidRequestError("give either argv or commands, and not both")
-
-        if request.type != "task":
-            raise InvalidRequestError(
-                f"invalid run type {request.type!r}: only 'task' is supported so far"
-            )
-
-        for key in request.env:
-            if not _ENV_NAME.match(key):
-                raise InvalidRequestError(
-                    f"invalid environment variable name {key!r}: expected letters, "
-                    "digits and '_', not starting with a digit"
-                )
-
-        idle = request.idle_duration
-        max_duration = request.max_duration
-        return RunSpec(
-            type="task",
-            argv=tuple(request.argv),
-            commands=tuple(request.commands),
-            env_names=tuple(sorted(request.env)),
-            working_dir=request.working_dir,
-            requirements=requirements_from(request.resources),
-            creation_policy="reuse" if request.reuse else "reuse-or-create",
-            instance=request.instance,
-            idle_duration=None if idle is None else parse_duration(idle, "idle duration"),
-            max_duration=(
-                None if max_duration is None else parse_duration(max_duration, "max duration")
-            ),
-        )
+        return build_run_spec(request)
 
     async def stop_run(self, name: str, abort: bool, actor: Actor) -> str:
         async with self.core.lock:

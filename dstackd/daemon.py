@@ -12,6 +12,7 @@ from pathlib import Path
 import signal
 import socket
 from collections.abc import Sequence
+from functools import partial
 
 import anyio
 import structlog
@@ -26,9 +27,11 @@ from dstackd.core import Core
 from dstackd.lockfile import acquire_lock
 from dstackd.paths import Paths, ensure_dirs
 from dstackd.reaper import IdleReaper
+from dstackd.run_limits import RunLimits
 from dstackd.runner import LocalRunner, read_exit_status
 from dstackd.runs import RunFiles
 from dstackd.scheduler import Scheduler
+from dstackd.services import ServiceProbes
 from dstackd.server import Api
 from events.event_types import InstanceTerminationRequested
 from events.grammar import parse_size
@@ -109,6 +112,10 @@ class Daemon:
         commands = Commands(core, scheduler, reaper, backends, run_files)
         reaper.before_terminate = commands.stop_instance_run
         scheduler.terminate_soon = reaper.terminate_soon
+        run_limits = RunLimits(
+            core, partial(scheduler.stop, abort=False), scheduler.wake
+        )
+        service_probes = ServiceProbes(core)
         core.subscribe(self._count_for_snapshot)
         app_runner = web.AppRunner(
             Api(core, commands).app(),
@@ -123,6 +130,8 @@ class Daemon:
                 await self._recover(core, backends, runner, scheduler, reaper)
                 task_group.start_soon(scheduler.run, task_group)
                 task_group.start_soon(reaper.run, task_group)
+                task_group.start_soon(run_limits.run)
+                task_group.start_soon(service_probes.run)
                 task_group.start_soon(self._snapshot_loop, core)
                 sock = listening or self._bind_socket()
                 site = web.SockSite(app_runner, sock)

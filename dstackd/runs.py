@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from dstackd.attach import dev_environment_launch
 from dstackd.runner import RunLaunch
 from events.projection import Instance, Run
 
@@ -53,7 +54,7 @@ class RunFiles:
     def launch_for(self, run: Run, instance: Instance) -> RunLaunch:
         """Describe how to start ``run`` on the local ``instance``."""
         data = instance.backend_data
-        return RunLaunch(
+        launch = RunLaunch(
             run_id=run.id,
             argv=list(run.spec.argv),
             commands=list(run.spec.commands),
@@ -65,6 +66,10 @@ class RunFiles:
             gid=None,
             run_dir=str(self.run_dir(run.id)),
         )
+        if run.spec.type == "dev-environment":
+            return dev_environment_launch(launch, run)
+
+        return launch
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -9,13 +9,15 @@ lock is released.
 
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 import anyio
 import structlog
 
 from dstackd.backends.base import Backend, BackendError
-from dstackd.core import Core
+from dstackd.core import Core, wall_clock_us
 from dstackd.placement import Placement, choose_instance, choose_offer, describe_rejections
+from dstackd.run_limits import decide_end, decide_no_capacity, is_placeable
 from dstackd.runs import RunFiles
 from events.event_types import (
     InstanceClaimed,
@@ -94,7 +96,12 @@ class Scheduler:
         to_provision: list[str] = []
         async with self.core.lock:
             state = self.core.state
-            queued = [run for run in state.runs.values() if run.status == "submitted"]
+            now = wall_clock_us()
+            queued = [
+                run
+                for run in state.runs.values()
+                if run.status == "submitted" and is_placeable(run, now)
+            ]
             if not queued:
                 return
 
@@ -150,7 +157,7 @@ class Scheduler:
             reason = "no instance in pool {} fits: {}".format(
                 run.pool, describe_rejections(placement.candidates)
             )
-            return NewEvent(f"run/{run.id}", RunFailed(run.id, reason))
+            return self._no_capacity(run, reason)
 
         offers = await self.list_offers(run.spec.requirements)
         decision = choose_offer(run, offers, placement.candidates)
@@ -161,7 +168,7 @@ class Scheduler:
             reason = "no idle instance in pool {} fits and no backend offers one: {}".format(
                 run.pool, describe_rejections(decision.candidates)
             )
-            return NewEvent(f"run/{run.id}", RunFailed(run.id, reason))
+            return self._no_capacity(run, reason)
 
         instance_id = new_instance_id()
         idle = run.spec.idle_duration
@@ -176,6 +183,12 @@ class Scheduler:
             candidates=decision.candidates,
         )
         return NewEvent(f"instance/{instance_id}", event, expected_version=0)
+
+    def _no_capacity(self, run: Run, reason: str) -> NewEvent | None:
+        """Fail ``run`` for lack of capacity, or let its retry policy keep it queued."""
+        event = decide_no_capacity(run, RunFailed(run.id, reason), wall_clock_us())
+
+        return None if event is None else NewEvent(f"run/{run.id}", event)
 
     async def list_offers(self, requirements: Requirements) -> list[Offer]:
         """Collect the fitting offers of every allowed backend, cheapest first."""
@@ -229,7 +242,11 @@ class Scheduler:
                 run = self.core.state.runs.get(instance.for_run or "")
                 if run is not None and run.status == "provisioning":
                     reason = f"provisioning instance {instance.name} failed: {error}"
-                    entries.append(NewEvent(f"run/{run.id}", RunFailed(run.id, reason)))
+                    failure = RunFailed(run.id, reason)
+                    event = decide_no_capacity(
+                        run, failure, wall_clock_us(), provisioning_failed=True
+                    )
+                    entries.append(NewEvent(f"run/{run.id}", event or failure))
 
                 await self.core.commit(entries, DAEMON_ACTOR)
             return
@@ -305,6 +322,10 @@ class Scheduler:
 
     async def watch(self, run_id: str, handle) -> None:  # type: ignore[no-untyped-def]
         self._handles[run_id] = handle
+        if self.core.state.runs[run_id].stop_requested:
+            # The stop came while no handle was known, e.g. during recovery.
+            self.start_soon(partial(self.stop, run_id, abort=False))
+
         try:
             status = await self.runner.wait(handle)
         except Exception as error:
@@ -327,13 +348,20 @@ class Scheduler:
                 return
 
             instance = state.instances.get(run.instance_id or "")
-            entries = [NewEvent(f"run/{run_id}", self._end_event(run, exit_status, reason))]
-            if instance is not None and instance.run_id == run_id:
+            end = self._end_event(run, exit_status, reason)
+            decision = decide_end(state, run, end, wall_clock_us())
+            entries = [NewEvent(f"run/{run_id}", event) for event in decision.events]
+            if decision.release and instance is not None and instance.run_id == run_id:
                 entries.append(
                     NewEvent(f"instance/{instance.id}", InstanceReleased(instance.id, run_id))
                 )
 
             await self.core.commit(entries, DAEMON_ACTOR)
+
+        if decision.relaunch:
+            log.info("run_restarting", run_id=run_id, exit_status=exit_status, reason=reason)
+            self.start_soon(self.launch, run_id)
+            return
 
         log.info("run_ended", run_id=run_id, exit_status=exit_status, reason=reason)
 

@@ -9,7 +9,14 @@ from dstackd import api
 from dstackd.runs import RunFiles
 from events.grammar import format_duration
 from events.model import Offer
-from events.projection import LIVE_INSTANCE_STATUSES, Instance, Pool, Run, State
+from events.projection import (
+    LIVE_INSTANCE_STATUSES,
+    Instance,
+    Pool,
+    Run,
+    RunAttempt,
+    State,
+)
 from events.record import Record, encode_body
 
 
@@ -74,12 +81,15 @@ def run_view(state: State, run: Run, run_files: RunFiles) -> api.RunView:
         wait_ms = (run.started_at - run.submitted_at) / 1000
 
     command = shlex.join(run.spec.argv) if run.spec.argv else "; ".join(run.spec.commands)
+    if run.spec.type == "dev-environment":
+        command = "; ".join(("(dev environment)", *run.spec.init))
+
     return api.RunView(
         id=run.id,
         name=run.name,
         pool=run.pool,
         type=run.spec.type,
-        status=run.status,
+        status=shown_status(run),
         command=command,
         user=run.user,
         instance=instance.name if instance else None,
@@ -90,6 +100,32 @@ def run_view(state: State, run: Run, run_files: RunFiles) -> api.RunView:
         reason=run.reason,
         wait_ms=wait_ms,
         log_path=str(run_files.log_path(run.id)),
+        url=run.url if run.ready else None,
+        ports=list(run.spec.ports) or ([run.spec.port] if run.spec.port else []),
+        attempt=len(run.history) + 1,
+        restarts=run.restarts,
+        history=[attempt_view(state, attempt) for attempt in run.history],
+    )
+
+
+def shown_status(run: Run) -> str:
+    """Return the status to show: a running service is ``starting`` until ready."""
+    if run.spec.type == "service" and run.status == "running" and not run.ready:
+        return "starting"
+
+    return run.status
+
+
+def attempt_view(state: State, attempt: RunAttempt) -> api.AttemptView:
+    instance = state.instances.get(attempt.instance_id or "")
+    return api.AttemptView(
+        number=attempt.number,
+        trigger=attempt.trigger,
+        reason=attempt.reason,
+        instance=instance.name if instance else None,
+        started_at=iso(attempt.started_at),
+        ended_at=iso(attempt.ended_at),
+        exit_status=attempt.exit_status,
     )
 
 

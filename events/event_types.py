@@ -150,12 +150,47 @@ class InstanceLost(_Event):
 # Runs
 
 
+class ReadinessProbe(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An HTTP GET of ``path`` on a service's port that must answer 2xx.
+
+    ``interval`` and ``timeout`` are in seconds: the time between probes and
+    the time one probe may take.
+    """
+
+    path: str = "/"
+    interval: int = 10
+    timeout: int = 5
+
+
+RetryEvent = Literal["no-capacity", "error", "interruption"]
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
+    """When a run is placed again, and for how long after its submission.
+
+    ``no-capacity``: nothing fits or provisioning failed; ``error``: the run
+    failed; ``interruption``: its instance was removed or lost. ``duration`` is
+    in seconds from the submission, or ``"off"`` for no limit.
+    """
+
+    on_events: tuple[RetryEvent, ...] = ("no-capacity", "error", "interruption")
+    duration: Duration = 3600
+
+
 class RunSpec(msgspec.Struct, frozen=True, omit_defaults=True):
     """What a run executes and where it may go.
 
     Either ``argv`` (executed directly) or ``commands`` (shell lines run one
-    after the other by ``/bin/sh -e``) is set. ``env_names`` lists the variables
-    the run sets; their values are kept out of the log, in the run's directory.
+    after the other by ``/bin/sh -e``) is set, except for a dev environment,
+    which runs its ``init`` lines and then waits for ``dstackctl attach``.
+    ``env_names`` lists the variables the run sets; their values are kept out of
+    the log, in the run's directory.
+
+    Services listen on ``port``, count as ready once ``probe`` passes and are
+    restarted in place up to ``max_restarts`` times when their process exits.
+    ``ports`` are ports a task or dev environment listens on. Durations are
+    seconds or ``"off"``; ``inactivity_duration`` ends a dev environment that
+    nobody was attached to for that long.
     """
 
     type: RunType = "task"
@@ -168,6 +203,13 @@ class RunSpec(msgspec.Struct, frozen=True, omit_defaults=True):
     instance: str | None = None
     idle_duration: Duration | None = None
     max_duration: Duration | None = None
+    ports: tuple[int, ...] = ()
+    port: int | None = None
+    probe: ReadinessProbe | None = None
+    max_restarts: int = 0
+    retry: RetryPolicy | None = None
+    init: tuple[str, ...] = ()
+    inactivity_duration: Duration | None = None
 
 
 class RunSubmitted(_Event):
@@ -193,8 +235,11 @@ class RunStarted(_Event):
 
 
 class RunFinished(_Event):
+    """The run's process exited by itself; ``reason`` says why, when known."""
+
     run_id: str
     exit_status: int
+    reason: str | None = None
 
 
 class RunFailed(_Event):
@@ -211,6 +256,50 @@ class RunStopRequested(_Event):
 class RunStopped(_Event):
     run_id: str
     exit_status: int | None = None
+
+
+class RunReady(_Event):
+    """A service's readiness probe answered 2xx; ``url`` is where it listens."""
+
+    run_id: str
+    url: str
+
+
+class RunRestarted(_Event):
+    """A service's process exited and is started again on the same instance.
+
+    ``restart`` counts the restarts within the current attempt, from 1. The
+    instance stays claimed, so no other run can take it in between.
+    """
+
+    run_id: str
+    restart: int
+    exit_status: int | None = None
+    reason: str = ""
+
+
+class RunRetried(_Event):
+    """An attempt of the run ended (or found no capacity) and it waits to be
+    placed again, within its retry duration.
+
+    ``attempt`` is the number of the attempt that starts next, from 2.
+    ``trigger`` is the retry event that applied. The run is not placed before
+    ``retry_at`` (UTC microseconds).
+    """
+
+    run_id: str
+    attempt: int
+    trigger: RetryEvent
+    reason: str
+    exit_status: int | None = None
+    retry_at: int | None = None
+
+
+class RunMaxDurationExceeded(_Event):
+    """The run ran longer than its max duration (seconds), so it is stopped."""
+
+    run_id: str
+    max_duration: int
 
 
 Event = (
@@ -233,6 +322,10 @@ Event = (
     | RunFailed
     | RunStopRequested
     | RunStopped
+    | RunReady
+    | RunRestarted
+    | RunRetried
+    | RunMaxDurationExceeded
 )
 
 EVENT_TYPES: tuple[type[_Event], ...] = Event.__args__  # type: ignore[attr-defined]

@@ -34,12 +34,17 @@ from events.event_types import (
     PoolDeleted,
     RunFailed,
     RunFinished,
+    RunMaxDurationExceeded,
+    RunReady,
+    RunRestarted,
+    RunRetried,
     RunSpec,
     RunStarted,
     RunStopped,
     RunStopRequested,
     RunSubmitted,
 )
+from events.grammar import format_duration
 from events.model import Duration, Offer, Resources
 from events.record import Record
 
@@ -99,7 +104,31 @@ class Instance(msgspec.Struct):
         return self.offer.price
 
 
+class RunAttempt(msgspec.Struct):
+    """An ended attempt of a retried run; ``number`` counts from 1."""
+
+    number: int
+    trigger: str
+    reason: str
+    instance_id: str | None = None
+    started_at: int | None = None
+    ended_at: int | None = None
+    exit_status: int | None = None
+
+
 class Run(msgspec.Struct):
+    """A run as the log describes it.
+
+    ``attempts`` counts the instance claims of the run. ``history`` lists the
+    attempts that ended in a retry, oldest first, and the current attempt is
+    number ``len(history) + 1``. ``attempt_started_at`` is the first start of the
+    current attempt (service restarts keep it), from which ``max_duration``
+    counts. A service is ``ready`` once its probe passed since its last start;
+    ``url`` is where it was reached. ``retry_at`` delays the next placement of
+    a retried run, and ``capacity_wait_since`` is set while a run that found no
+    capacity waits for some within its retry duration.
+    """
+
     id: str
     name: str
     pool: str
@@ -118,6 +147,13 @@ class Run(msgspec.Struct):
     reason: str | None = None
     stop_requested: bool = False
     abort: bool = False
+    ready: bool = False
+    url: str | None = None
+    restarts: int = 0
+    retry_at: int | None = None
+    attempt_started_at: int | None = None
+    capacity_wait_since: int | None = None
+    history: list[RunAttempt] = []
 
 
 class State(msgspec.Struct):
@@ -326,12 +362,18 @@ def _run_started(state: State, event: RunStarted, at: int) -> None:
     run.pid = event.pid
     run.pid_start_time = event.pid_start_time
     run.started_at = at
+    run.retry_at = None
+    run.capacity_wait_since = None
+    if run.attempt_started_at is None:
+        run.attempt_started_at = at
 
 
 def _run_finished(state: State, event: RunFinished, at: int) -> None:
     run = state.runs[event.run_id]
     run.exit_status = event.exit_status
-    if event.exit_status != 0:
+    if event.reason is not None:
+        run.reason = event.reason
+    elif event.exit_status != 0:
         run.reason = f"exited with status {event.exit_status}"
 
     _end_run(state, run, "done" if event.exit_status == 0 else "failed", at)
@@ -356,6 +398,61 @@ def _run_stopped(state: State, event: RunStopped, at: int) -> None:
     _end_run(state, run, "stopped", at)
 
 
+def _run_ready(state: State, event: RunReady, at: int) -> None:
+    run = state.runs[event.run_id]
+    run.ready = True
+    run.url = event.url
+
+
+def _run_restarted(state: State, event: RunRestarted, at: int) -> None:
+    """Put the service back to claimed-but-not-started on its instance."""
+    run = state.runs[event.run_id]
+    run.restarts = event.restart
+    run.ready = False
+    run.pid = 0
+    run.pid_start_time = 0
+    if run.status == "running":
+        run.status = "provisioning"
+
+
+def _run_retried(state: State, event: RunRetried, at: int) -> None:
+    """Archive the ended attempt and queue the run again."""
+    run = state.runs[event.run_id]
+    run.history.append(
+        RunAttempt(
+            number=len(run.history) + 1,
+            trigger=event.trigger,
+            reason=event.reason,
+            instance_id=run.instance_id,
+            started_at=run.attempt_started_at,
+            ended_at=run.ended_at or at,
+            exit_status=event.exit_status,
+        )
+    )
+    _free_instance(state, run, at)
+    run.status = "submitted"
+    run.instance_id = None
+    run.pid = 0
+    run.pid_start_time = 0
+    run.started_at = None
+    run.ended_at = None
+    run.exit_status = None
+    run.reason = None
+    run.ready = False
+    run.attempt_started_at = None
+    run.restarts = 0
+    run.retry_at = event.retry_at
+    run.capacity_wait_since = at if event.trigger == "no-capacity" else None
+
+
+def _run_max_duration_exceeded(
+    state: State, event: RunMaxDurationExceeded, at: int
+) -> None:
+    run = state.runs[event.run_id]
+    run.stop_requested = True
+    run.reason = f"exceeded its max duration of {format_duration(event.max_duration)}"
+
+
 def _end_run(state: State, run: Run, status: RunStatus, at: int) -> None:
     """End ``run`` and free the instance it still holds, idle from ``at``.
 
@@ -364,6 +461,10 @@ def _end_run(state: State, run: Run, status: RunStatus, at: int) -> None:
     """
     run.status = status
     run.ended_at = at
+    _free_instance(state, run, at)
+
+
+def _free_instance(state: State, run: Run, at: int) -> None:
     instance = state.instances.get(run.instance_id or "")
     if instance is not None and instance.status == "busy" and instance.run_id == run.id:
         instance.status = "idle"
@@ -391,6 +492,10 @@ _HANDLERS: dict[type, Callable[[State, object, int], None]] = {
     RunFailed: _run_failed,  # type: ignore[dict-item]
     RunStopRequested: _run_stop_requested,  # type: ignore[dict-item]
     RunStopped: _run_stopped,  # type: ignore[dict-item]
+    RunReady: _run_ready,  # type: ignore[dict-item]
+    RunRestarted: _run_restarted,  # type: ignore[dict-item]
+    RunRetried: _run_retried,  # type: ignore[dict-item]
+    RunMaxDurationExceeded: _run_max_duration_exceeded,  # type: ignore[dict-item]
 }
 
 
