@@ -6,7 +6,6 @@ msgspec schema, aiohttp, asyncio or http.client.
 """
 
 import contextlib
-import json
 import os
 import sys
 from datetime import UTC, datetime
@@ -15,12 +14,12 @@ from typing import Any
 import click
 
 from dstackctl import exit_codes, tables, terminal
+from dstackctl.audit import cost, events, explain
 from dstackctl.client import (
     DEFAULT_TIMEOUT_S,
     Client,
     ClientError,
     DaemonUnreachableError,
-    ProtocolError,
     api_path,
     default_socket_path,
 )
@@ -78,6 +77,9 @@ def cli(ctx: click.Context, socket_path: str | None) -> None:
 
 
 cli.add_command(pool)
+cli.add_command(events)
+cli.add_command(cost)
+cli.add_command(explain)
 cli.add_command(apply)
 cli.add_command(attach)
 
@@ -309,53 +311,6 @@ def offer(
         click.echo(tables.offers_table(offers))
     else:
         click.echo(f"No offers match {describe_resource_args(resources)}.", err=True)
-
-
-@cli.command()
-@click.option("--follow", is_flag=True, help="Keep printing new events until Ctrl-C.")
-@click.option(
-    "--after",
-    type=click.IntRange(min=0),
-    metavar="POSITION",
-    help="Start after this log position.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON lines for scripts.")
-@click.pass_obj
-def events(client: Client, follow: bool, after: int | None, as_json: bool) -> int:
-    """Print the event log, one line per record."""
-    query = {"after": after, "follow": True if follow else None}
-    stdout = sys.stdout.buffer
-    timeout = None if follow else DEFAULT_TIMEOUT_S
-    try:
-        with client.open("GET", "/v1/events", query=query, timeout=timeout) as response:
-            for line in response.iter_lines():
-                if not line.strip():
-                    continue
-
-                if as_json:
-                    stdout.write(line + b"\n")
-                    stdout.flush()
-                else:
-                    click.echo(tables.event_line(_decode_event(client, line)))
-    except KeyboardInterrupt:
-        # Ctrl-C is the normal way to stop following, not a failure.
-        pass
-
-    return exit_codes.OK
-
-
-def _decode_event(client: Client, line: bytes) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        record = None
-
-    if not isinstance(record, dict):
-        raise ProtocolError(
-            client.socket_path, f"event line is not a JSON object: {line[:200]!r}"
-        )
-
-    return record
 
 
 def main() -> None:

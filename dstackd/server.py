@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from dstackd import api, views
-from dstackd.attach import attach_target
+from dstackd.audit_routes import AuditRoutes
 from dstackd.commands import Commands
 from dstackd.core import Core, wall_clock_us
 from dstackd.errors import CommandError, InvalidRequestError
@@ -155,11 +155,10 @@ class Api:
                 web.get("/v1/runs/{name}", self.get_run),
                 web.get("/v1/runs/{name}/wait", self.wait_run),
                 web.post("/v1/runs/{name}/stop", self.stop_run),
-                web.post("/v1/runs/{name}/attach", self.attach_run),
                 web.get("/v1/runs/{name}/logs", self.run_logs),
-                web.get("/v1/events", self.list_events),
             ]
         )
+        app.add_routes(AuditRoutes(self.core, self.commands).routes())
         return app
 
     # Pools
@@ -269,12 +268,6 @@ class Api:
 
         return json_response(self._run_view(run.id))
 
-    async def attach_run(self, request: web.Request) -> web.Response:
-        run = self.commands.find_run(request.match_info["name"])
-        run_dir = self.commands.run_files.run_dir(run.id)
-        target = attach_target(self.core.state, run, run_dir, request["actor"])
-        return json_response(target)
-
     async def stop_run(self, request: web.Request) -> web.Response:
         body = await decode(request, api.StopRun)
         run_id = await self.commands.stop_run(
@@ -318,26 +311,6 @@ class Api:
                 # found by re-reading at a short interval or when the run ends.
                 with anyio.move_on_after(LOG_FOLLOW_INTERVAL_SECONDS):
                     await self.core.wait_changed()
-
-        await response.write_eof()
-        return response
-
-    async def list_events(self, request: web.Request) -> web.StreamResponse:
-        after = int_query(request, "after", 0)
-        follow = flag(request, "follow")
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        source = self.core.log.follow(after) if follow else self.core.log.read(after)
-        batch: list[bytes] = []
-        async for record in source:
-            batch.append(_encoder.encode(views.event_view(record)) + b"\n")
-            if follow or len(batch) >= 512:
-                await response.write(b"".join(batch))
-                batch.clear()
-
-        if batch:
-            await response.write(b"".join(batch))
 
         await response.write_eof()
         return response
