@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from dstackd import api, views
+from dstackd.attach import attach_target
 from dstackd.audit_routes import AuditRoutes
 from dstackd.commands import Commands
 from dstackd.core import Core, wall_clock_us
@@ -155,6 +156,7 @@ class Api:
                 web.get("/v1/runs/{name}", self.get_run),
                 web.get("/v1/runs/{name}/wait", self.wait_run),
                 web.post("/v1/runs/{name}/stop", self.stop_run),
+                web.post("/v1/runs/{name}/attach", self.attach_run),
                 web.get("/v1/runs/{name}/logs", self.run_logs),
             ]
         )
@@ -267,6 +269,12 @@ class Api:
                 await self.core.wait_changed()
 
         return json_response(self._run_view(run.id))
+
+    async def attach_run(self, request: web.Request) -> web.Response:
+        run = self.commands.find_run(request.match_info["name"])
+        run_dir = self.commands.run_files.run_dir(run.id)
+        target = attach_target(self.core.state, run, run_dir, request["actor"])
+        return json_response(target)
 
     async def stop_run(self, request: web.Request) -> web.Response:
         body = await decode(request, api.StopRun)
