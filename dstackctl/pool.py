@@ -1,5 +1,6 @@
 """The ``dstackctl pool`` commands: pools and the instances in them."""
 
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -125,6 +126,19 @@ def ps(
     help="Number of offers to show.",
 )
 @click.option("-y", "--yes", is_flag=True, help="Add without asking to confirm.")
+@click.option(
+    "--ssh",
+    "ssh_hosts",
+    multiple=True,
+    metavar="USER@HOST[:PORT]",
+    help="Add this host over SSH instead of an offer; repeat for several hosts.",
+)
+@click.option(
+    "-i",
+    "--identity-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Private key for --ssh hosts [default: the daemon user's keys].",
+)
 @click.pass_obj
 def add(
     client: Client,
@@ -134,9 +148,24 @@ def add(
     name: str | None,
     max_offers: int,
     yes: bool,
+    ssh_hosts: tuple[str, ...],
+    identity_file: str | None,
     **resource_params: Any,
 ) -> int:
-    """Add an instance to a pool from the cheapest offer that fits."""
+    """Add an instance to a pool from the cheapest offer that fits.
+
+    With --ssh, add hosts you already have instead: the daemon connects to
+    each, detects its CPUs, memory, disk and GPUs, and adds it with an idle
+    duration of off unless --idle-duration is given.
+    """
+    if ssh_hosts:
+        return _add_ssh_hosts(
+            client, ssh_hosts, identity_file, pool_name, idle_duration, name
+        )
+
+    if identity_file is not None:
+        raise click.UsageError("-i/--identity-file applies only with --ssh")
+
     resources = resource_args(resource_params)
     offers = client.request(
         "POST",
@@ -189,6 +218,33 @@ def add(
         reason = instance.get("reason") or "no reason given"
         click.echo(f"error: instance {instance['name']} failed: {reason}", err=True)
         return exit_codes.FAILED
+
+    return exit_codes.OK
+
+
+def _add_ssh_hosts(
+    client: Client,
+    hosts: tuple[str, ...],
+    identity_file: str | None,
+    pool_name: str | None,
+    idle_duration: str | None,
+    name: str | None,
+) -> int:
+    body = {
+        "hosts": list(hosts),
+        "identity_file": os.path.abspath(identity_file) if identity_file else None,
+        "pool": pool_name,
+        "idle_duration": idle_duration,
+        "name": name,
+    }
+    noun = "host" if len(hosts) == 1 else "hosts"
+    with terminal.Spinner(f"Connecting to {len(hosts)} {noun}..."):
+        # The daemon connects to every host before it responds.
+        instances = client.request(
+            "POST", "/v1/instances/ssh", body=drop_none(body), timeout=None
+        )
+
+    click.echo(tables.instances_table(instances, datetime.now(UTC)))
 
     return exit_codes.OK
 

@@ -180,6 +180,23 @@ def format_idle(instance: JsonObject, now: datetime) -> str:
     return f"{format_duration(idle_seconds)}/{limit}"
 
 
+def format_instance_status(instance: JsonObject) -> str:
+    """Format an instance's status with what needs attention.
+
+    Examples: ``idle``, ``idle (unreachable)``, ``terminating (3 failed attempts)``.
+    """
+    status = str(instance["status"])
+    attempts = instance.get("termination_attempts") or 0
+    if status == "terminating" and attempts:
+        noun = "attempt" if attempts == 1 else "attempts"
+        return f"{status} ({attempts} failed {noun})"
+
+    if instance.get("reachable") is False and status not in ("terminated", "failed"):
+        return f"{status} (unreachable)"
+
+    return status
+
+
 def instances_table(instances: Iterable[JsonObject], now: datetime) -> str:
     """Render the ``pool ps`` table; ``now`` must be timezone-aware."""
     headers = [
@@ -201,7 +218,7 @@ def instances_table(instances: Iterable[JsonObject], now: datetime) -> str:
             instance["resources"],
             format_spot(instance["spot"]),
             format_price(instance["price"]),
-            instance["status"],
+            format_instance_status(instance),
             instance.get("run") or NONE,
             format_idle(instance, now),
         ]

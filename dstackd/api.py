@@ -14,6 +14,7 @@ Routes (all under ``/v1``)::
     POST   /offers           ListOffers   -> list[OfferView]
     GET    /instances?pool=P&all=true     -> list[InstanceView]
     POST   /instances        AddInstance  -> InstanceView
+    POST   /instances/ssh    AddSshHosts  -> list[InstanceView]
     DELETE /instances/{name}?force=true   -> InstanceView
     GET    /runs?all=true                 -> list[RunView]
     POST   /runs             SubmitRun    -> RunView
@@ -69,6 +70,21 @@ class ResourceArgs(_Request):
 
 class CreatePool(_Request):
     name: str
+
+
+class AddSshHosts(_Request):
+    """Add hosts reached over SSH, each as ``USER@HOST[:PORT]``.
+
+    ``identity_file`` is the path of the private key on the daemon's machine,
+    used for every host; without it the daemon user's default keys are tried.
+    ``name`` applies only when one host is added.
+    """
+
+    hosts: list[str]
+    identity_file: str | None = None
+    pool: str | None = None
+    idle_duration: str | None = None
+    name: str | None = None
 
 
 class ListOffers(_Request):
@@ -189,6 +205,8 @@ class InstanceView(msgspec.Struct, frozen=True):
     idle_duration: str
     created_at: str
     reason: str | None = None
+    reachable: bool = True
+    termination_attempts: int = 0
 
 
 class AttemptView(msgspec.Struct, frozen=True):

@@ -271,6 +271,15 @@ class Commands:
 
         return instance_id
 
+    async def add_ssh_hosts(self, request: api.AddSshHosts, actor: Actor) -> list[str]:
+        """Add SSH hosts to a pool and return their instance ids.
+
+        See ``dstackd.ssh_hosts`` for the checks and the events.
+        """
+        from dstackd.ssh_hosts import add_ssh_hosts
+
+        return await add_ssh_hosts(self, request, actor)
+
     def _pick_offer(
         self, confirmed: Offer | None, offers: list[Offer], requirements: Requirements
     ) -> Offer:

@@ -21,6 +21,31 @@ Example, with every key at its default unless noted::
     memory = "80GB"
     count = 2                 # default: 1
 
+    [ssh]
+    connect_timeout_seconds = 10       # one SSH connect, handshake included
+    keepalive_interval_seconds = 15    # 3 missed keepalives: connection lost
+    lost_after_seconds = 3600          # unreachable this long: a run is lost
+    health_check_interval_seconds = 30
+    health_check_timeout_seconds = 10  # one health check of one host
+
+    [aws]                     # the AWS EC2 backend is enabled by this table
+    regions = ["us-east-1"]
+    endpoint_url = "http://127.0.0.1:5000"  # default: AWS's; for tests only
+    image_id = "ami-..."      # default: the newest Ubuntu 22.04 image
+    ssh_user = "ubuntu"
+    ssh_cidr = "0.0.0.0/0"    # who may connect to port 22 of the instances
+    disk = "100GB"            # root volume when a run asks for no disk size
+    instance_types = ["g5.xlarge"]     # default: every type in the catalog
+    running_timeout_seconds = 600      # from RunInstances to the running state
+    poll_interval_seconds = 5          # between two checks of the state
+    terminate_timeout_seconds = 300    # from TerminateInstances to terminated
+    reconcile_interval_seconds = 60
+    orphan_grace_seconds = 600  # age of an unrecorded instance before teardown
+    lost_grace_seconds = 300    # age of a record before a missing one is lost
+
+AWS credentials come from the standard chain (environment, shared files, the
+instance role) and are never part of this file.
+
 Sizes are text in the grammar of ``events.grammar.parse_size`` and are checked
 when the file is loaded. The Structs keep the text; ``memory_gb`` and similar
 properties give the value in GB. Every error names the file and where in it the
@@ -28,6 +53,7 @@ problem is, e.g. ``config /etc/dstackd.toml: unknown key 'cpu' in [local]``.
 """
 
 import grp
+import ipaddress
 import re
 import tomllib
 from typing import Annotated
@@ -39,6 +65,7 @@ from events.errors import DstackdError, InvalidValueError
 from events.grammar import parse_size
 
 _GPU_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*", re.ASCII)
+_REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d+", re.ASCII)
 
 # msgspec's validation errors: "<problem> - at `$.path`", or the problem alone
 # for the top-level table.
@@ -127,11 +154,52 @@ class LocalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return None if self.disk is None else parse_size(self.disk, "disk")
 
 
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class SshConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``[ssh]`` table: connections to SSH hosts and cloud instances."""
+
+    connect_timeout_seconds: Seconds = 10.0
+    keepalive_interval_seconds: Seconds = 15.0
+    lost_after_seconds: Seconds = 3600.0
+    health_check_interval_seconds: Seconds = 30.0
+    health_check_timeout_seconds: Seconds = 10.0
+
+
+class AwsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``[aws]`` table: the AWS EC2 backend, enabled when the table exists.
+
+    ``endpoint_url`` replaces AWS's own endpoints; tests point it at a local
+    mock. ``instance_types`` limits the catalog; ``None`` offers all of it.
+    """
+
+    regions: Annotated[tuple[str, ...], msgspec.Meta(min_length=1)] = ("us-east-1",)
+    endpoint_url: str | None = None
+    image_id: str | None = None
+    ssh_user: Annotated[str, msgspec.Meta(min_length=1)] = "ubuntu"
+    ssh_cidr: str = "0.0.0.0/0"
+    disk: str = "100GB"
+    instance_types: tuple[str, ...] | None = None
+    running_timeout_seconds: Seconds = 600.0
+    poll_interval_seconds: Seconds = 5.0
+    terminate_timeout_seconds: Seconds = 300.0
+    reconcile_interval_seconds: Seconds = 60.0
+    orphan_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 600.0
+    lost_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+
+    @property
+    def disk_gb(self) -> float:
+        return parse_size(self.disk, "disk")
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The whole config file; ``Config()`` is the configuration without a file."""
 
     daemon: DaemonConfig = DaemonConfig()
     local: LocalConfig = LocalConfig()
+    ssh: SshConfig = SshConfig()
+    aws: AwsConfig | None = None
 
 
 def load_config(path: str | None) -> Config:
@@ -197,11 +265,40 @@ def check_values(config: Config) -> str | None:
 
         sizes.append((f"{where}.memory", gpu.memory))
 
+    if config.aws is not None:
+        sizes.append(("$.aws.disk", config.aws.disk))
+
     for where, text in sizes:
         if text is not None:
             problem = _check_size(where, text)
             if problem is not None:
                 return problem
+
+    return None if config.aws is None else _check_aws(config.aws)
+
+
+def _check_aws(aws: AwsConfig) -> str | None:
+    for index, region in enumerate(aws.regions):
+        if not _REGION_RE.fullmatch(region):
+            return (
+                f"invalid region {region!r} at $.aws.regions[{index}]: expected an "
+                "AWS region name such as us-east-1"
+            )
+
+    url = aws.endpoint_url
+    if url is not None and not url.startswith(("http://", "https://")):
+        return (
+            f"invalid endpoint URL {url!r} at $.aws.endpoint_url: expected "
+            "http://HOST:PORT or https://HOST"
+        )
+
+    try:
+        ipaddress.ip_network(aws.ssh_cidr)
+    except ValueError:
+        return (
+            f"invalid CIDR {aws.ssh_cidr!r} at $.aws.ssh_cidr: expected an "
+            "address range such as 203.0.113.0/24"
+        )
 
     return None
 

@@ -21,9 +21,12 @@ from aiohttp import web
 from dstackd import systemd
 from dstackd.backends.base import Backend, LiveInstance
 from dstackd.backends.local import LocalBackend, LocalInventory
+from dstackd.backends.ssh import SshBackend
 from dstackd.commands import Commands
 from dstackd.config import Config
 from dstackd.core import Core
+from dstackd.daemon_id import load_daemon_id
+from dstackd.health import HealthChecker
 from dstackd.lockfile import acquire_lock
 from dstackd.paths import Paths, ensure_dirs
 from dstackd.reaper import IdleReaper
@@ -33,6 +36,7 @@ from dstackd.runs import RunFiles
 from dstackd.scheduler import Scheduler
 from dstackd.services import ServiceProbes
 from dstackd.server import Api
+from dstackd.ssh_runner import SshRunner
 from events.event_types import InstanceTerminationRequested
 from events.grammar import parse_size
 from events.log import EventLog
@@ -95,18 +99,43 @@ class Daemon:
             )
             backends["local"] = LocalBackend(inventory, data_dir=self.paths.data_dir)
 
+        backends["ssh"] = SshBackend(
+            connect_timeout=self.config.ssh.connect_timeout_seconds
+        )
+        if self.config.aws is not None:
+            from dstackd.backends.aws import AwsBackend
+
+            backends["aws"] = AwsBackend(
+                self.config.aws,
+                daemon_id=load_daemon_id(self.paths.data_dir),
+                key_dir=os.path.join(self.paths.data_dir, "aws"),
+            )
+
         return backends
 
     async def _run_parts(self, core: Core, listening: socket.socket | None) -> None:
         backends = self._backends()
         run_files = RunFiles(Path(self.paths.runs_dir))
         runner = await LocalRunner.start_spawner()
+        ssh = self.config.ssh
+        ssh_runner = SshRunner(
+            connect_timeout=ssh.connect_timeout_seconds,
+            keepalive_interval=ssh.keepalive_interval_seconds,
+            lost_after_seconds=ssh.lost_after_seconds,
+        )
         scheduler = Scheduler(
             core,
             backends,
             runner,
             run_files,
             stop_grace_seconds=self.config.daemon.stop_grace_seconds,
+            runners={"ssh": ssh_runner, "aws": ssh_runner},
+        )
+        health = HealthChecker(
+            core,
+            backends["ssh"],  # type: ignore[arg-type]
+            interval=self.config.ssh.health_check_interval_seconds,
+            timeout=self.config.ssh.health_check_timeout_seconds,
         )
         reaper = IdleReaper(core, backends)
         commands = Commands(core, scheduler, reaper, backends, run_files)
@@ -130,6 +159,9 @@ class Daemon:
                 await self._recover(core, backends, runner, scheduler, reaper)
                 task_group.start_soon(scheduler.run, task_group)
                 task_group.start_soon(reaper.run, task_group)
+                task_group.start_soon(health.run, task_group)
+                if "aws" in backends:
+                    task_group.start_soon(self._reconcile, core, backends["aws"])
                 task_group.start_soon(run_limits.run)
                 task_group.start_soon(service_probes.run)
                 task_group.start_soon(self._snapshot_loop, core)
@@ -219,8 +251,14 @@ class Daemon:
 
         for run in list(state.runs.values()):
             if run.status == "running":
-                handle = runner.adopt(
-                    run.id, run.pid, run.pid_start_time, str(scheduler.run_files.run_dir(run.id))
+                instance = state.instances.get(run.instance_id or "")
+                backend = "local" if instance is None else instance.backend
+                handle = scheduler.runner_for(backend).adopt(  # type: ignore[attr-defined]
+                    run.id,
+                    run.pid,
+                    run.pid_start_time,
+                    str(scheduler.run_files.run_dir(run.id)),
+                    {} if instance is None else instance.backend_data,
                 )
                 if handle is not None:
                     log.info("run_adopted", run_id=run.id, pid=run.pid)
@@ -238,6 +276,23 @@ class Daemon:
                     scheduler.start_soon(scheduler.launch, run.id)
 
         scheduler.wake()
+
+    async def _reconcile(self, core: Core, backend: Backend) -> None:
+        """Reconcile the log with EC2 now and every interval; see ``reconcile``."""
+        from dstackd.backends.aws import AwsBackend, instance_labels
+        from dstackd.reconcile import Reconciler
+
+        assert isinstance(backend, AwsBackend) and self.config.aws is not None
+        backend.labels = lambda instance_id: instance_labels(core.state, instance_id)
+        aws = self.config.aws
+        reconciler = Reconciler(
+            core,
+            backend,
+            interval=aws.reconcile_interval_seconds,
+            orphan_grace=aws.orphan_grace_seconds,
+            lost_grace=aws.lost_grace_seconds,
+        )
+        await reconciler.run()
 
     def _count_for_snapshot(self, records: Sequence[Record]) -> None:
         self._records_since_snapshot += len(records)

@@ -63,6 +63,9 @@ def _instance_rejection(instance: Instance, run: Run) -> str | None:
     if not instance.schedulable:
         return f"{instance.status}: {instance.reason or 'takes no new runs'}"
 
+    if not instance.reachable:
+        return f"unreachable: {instance.unreachable_error or 'health check failed'}"
+
     if instance.status == "busy":
         return f"busy with run {instance.run_id}"
 

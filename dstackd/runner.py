@@ -96,6 +96,9 @@ class RunLaunch(msgspec.Struct, frozen=True, kw_only=True):
     ``uid`` and ``gid`` apply only when the daemon runs as root, and
     ``uid=None`` runs as the daemon's user. A daemon that is not root runs
     every task as its own user. ``gid=None`` takes the user's primary group.
+
+    ``backend_data`` is the instance's, from which a remote runner reads the
+    host to reach; the local runner ignores it.
     """
 
     run_id: str
@@ -108,6 +111,7 @@ class RunLaunch(msgspec.Struct, frozen=True, kw_only=True):
     uid: int | None = None
     gid: int | None = None
     run_dir: str
+    backend_data: Mapping[str, str] = {}
 
 
 class RunHandle(msgspec.Struct, frozen=True):
@@ -278,11 +282,16 @@ class LocalRunner:
         return status
 
     def adopt(
-        self, run_id: str, pid: int, pid_start_time: int, run_dir: str
+        self,
+        run_id: str,
+        pid: int,
+        pid_start_time: int,
+        run_dir: str,
+        backend_data: Mapping[str, str] | None = None,
     ) -> RunHandle | None:
         """Return a handle for a run started before a restart, or None if its
         supervisor is no longer alive (then ``read_exit_status`` returns the
-        run's exit status)."""
+        run's exit status). ``backend_data`` is ignored on this machine."""
         if not is_running(pid, pid_start_time):
             return None
 

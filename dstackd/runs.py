@@ -52,7 +52,11 @@ class RunFiles:
         return env
 
     def launch_for(self, run: Run, instance: Instance) -> RunLaunch:
-        """Describe how to start ``run`` on the local ``instance``."""
+        """Describe how to start ``run`` on ``instance``.
+
+        CPU ids and GPU indices come from a local instance's reservation; a
+        remote runner takes the host from ``backend_data``.
+        """
         data = instance.backend_data
         launch = RunLaunch(
             run_id=run.id,
@@ -65,6 +69,7 @@ class RunFiles:
             uid=run.uid,
             gid=None,
             run_dir=str(self.run_dir(run.id)),
+            backend_data=dict(data),
         )
         if run.spec.type == "dev-environment":
             return dev_environment_launch(launch, run)

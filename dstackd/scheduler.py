@@ -8,7 +8,7 @@ lock is released.
 """
 
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 
 import anyio
@@ -23,6 +23,7 @@ from events.event_types import (
     InstanceClaimed,
     InstanceProvisioned,
     InstanceProvisioningFailed,
+    InstanceReachable,
     InstanceReleased,
     InstanceRequested,
     InstanceTerminationRequested,
@@ -38,7 +39,7 @@ from events.record import NewEvent, Record
 
 log = structlog.get_logger("dstackd.scheduler")
 
-_WAKING_EVENTS = (RunSubmitted, InstanceReleased, InstanceProvisioned)
+_WAKING_EVENTS = (RunSubmitted, InstanceReleased, InstanceProvisioned, InstanceReachable)
 
 
 class Scheduler:
@@ -52,10 +53,13 @@ class Scheduler:
         run_files: RunFiles,
         *,
         stop_grace_seconds: float = 10.0,
+        runners: Mapping[str, "RunnerLike"] | None = None,
     ) -> None:
         self.core = core
         self.backends = backends
         self.runner = runner
+        # Runners by backend name; a backend without one uses ``runner``.
+        self.runners = dict(runners or {})
         self.run_files = run_files
         self.stop_grace_seconds = stop_grace_seconds
         self._wake = anyio.Event()
@@ -298,7 +302,8 @@ class Scheduler:
             return
 
         try:
-            handle = await self.runner.start(self.run_files.launch_for(run, instance))
+            runner = self.runner_for(instance.backend)
+            handle = await runner.start(self.run_files.launch_for(run, instance))
         except Exception as error:
             log.error("run_start_failed", run_id=run_id, error=str(error))
             await self.record_exit(run_id, None, reason=f"failed to start: {error}")
@@ -327,7 +332,7 @@ class Scheduler:
             self.start_soon(partial(self.stop, run_id, abort=False))
 
         try:
-            status = await self.runner.wait(handle)
+            status = await self._runner_of_run(run_id).wait(handle)
         except Exception as error:
             log.error("run_lost", run_id=run_id, error=str(error))
             await self.record_exit(run_id, None, reason=str(error))
@@ -390,14 +395,30 @@ class Scheduler:
             return
 
         grace = 0.0 if abort else self.stop_grace_seconds
-        await self.runner.stop(handle, grace_seconds=grace, abort=abort)
+        await self._runner_of_run(run_id).stop(handle, grace_seconds=grace, abort=abort)
 
     def has_process(self, run_id: str) -> bool:
         return run_id in self._handles
 
+    def runner_for(self, backend: str) -> "RunnerLike":
+        """Return the runner that starts runs on instances of ``backend``."""
+        return self.runners.get(backend, self.runner)
+
+    def _runner_of_run(self, run_id: str) -> "RunnerLike":
+        state = self.core.state
+        instance = state.instances.get(state.runs[run_id].instance_id or "")
+
+        return self.runner if instance is None else self.runner_for(instance.backend)
+
 
 class RunnerLike:
-    """What the scheduler needs from a runner (see ``dstackd.runner``)."""
+    """What the scheduler needs from a runner (see ``dstackd.runner`` and
+    ``dstackd.ssh_runner``).
+
+    A runner also has ``adopt(run_id, pid, pid_start_time, run_dir,
+    backend_data)``, which the daemon calls on start-up for runs that were
+    running, and which returns a handle for ``wait`` or None.
+    """
 
     async def start(self, launch):  # type: ignore[no-untyped-def]
         raise NotImplementedError

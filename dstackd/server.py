@@ -150,6 +150,7 @@ class Api:
                 web.post("/v1/offers", self.list_offers),
                 web.get("/v1/instances", self.list_instances),
                 web.post("/v1/instances", self.add_instance),
+                web.post("/v1/instances/ssh", self.add_ssh_hosts),
                 web.delete("/v1/instances/{name}", self.remove_instance),
                 web.get("/v1/runs", self.list_runs),
                 web.post("/v1/runs", self.submit_run),
@@ -229,6 +230,17 @@ class Api:
             )
 
         return json_response(view, status)
+
+    async def add_ssh_hosts(self, request: web.Request) -> web.Response:
+        body = await decode(request, api.AddSshHosts)
+        instance_ids = await self.commands.add_ssh_hosts(body, request["actor"])
+        now = wall_clock_us()
+        state = self.core.state
+        instance_views = [
+            views.instance_view(state, state.instances[instance_id], now)
+            for instance_id in instance_ids
+        ]
+        return json_response(instance_views, 201)
 
     async def remove_instance(self, request: web.Request) -> web.Response:
         instance_id = await self.commands.remove_instance(

@@ -52,6 +52,8 @@ def instance_view(state: State, instance: Instance, now_us: int) -> api.Instance
         reason = (
             f"termination failed {instance.termination_attempts} times: {instance.last_error}"
         )
+    elif not instance.reachable and instance.status not in ("terminated", "failed"):
+        reason = f"unreachable: {instance.unreachable_error}"
 
     return api.InstanceView(
         id=instance.id,
@@ -71,6 +73,8 @@ def instance_view(state: State, instance: Instance, now_us: int) -> api.Instance
         idle_duration=format_duration(instance.idle_duration),
         created_at=iso(instance.requested_at) or "",
         reason=reason,
+        reachable=instance.reachable,
+        termination_attempts=instance.termination_attempts,
     )
 
 

@@ -147,6 +147,23 @@ class InstanceLost(_Event):
     run_id: str | None = None
 
 
+class InstanceUnreachable(_Event):
+    """A health check of the instance failed, so it takes no new runs.
+
+    The instance stays in its pool and takes runs again after an
+    ``InstanceReachable``. ``error`` names the failure, e.g. a connect timeout.
+    """
+
+    instance_id: str
+    error: str
+
+
+class InstanceReachable(_Event):
+    """A health check of an unreachable instance succeeded again."""
+
+    instance_id: str
+
+
 # Runs
 
 
@@ -316,6 +333,8 @@ Event = (
     | InstanceTerminationFailed
     | InstanceTerminated
     | InstanceLost
+    | InstanceUnreachable
+    | InstanceReachable
     | RunSubmitted
     | RunStarted
     | RunFinished

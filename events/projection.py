@@ -25,11 +25,13 @@ from events.event_types import (
     InstanceLost,
     InstanceProvisioned,
     InstanceProvisioningFailed,
+    InstanceReachable,
     InstanceReleased,
     InstanceRequested,
     InstanceTerminated,
     InstanceTerminationFailed,
     InstanceTerminationRequested,
+    InstanceUnreachable,
     PoolCreated,
     PoolDeleted,
     RunFailed,
@@ -71,7 +73,9 @@ class Instance(msgspec.Struct):
 
     ``schedulable`` turns false for good once the idle duration expired or a
     termination was requested, in the same record, so no run lands on an
-    instance that is being torn down.
+    instance that is being torn down. ``reachable`` is false from a failed
+    health check until a later one succeeds, and placement skips the instance
+    meanwhile.
     """
 
     id: str
@@ -94,6 +98,9 @@ class Instance(msgspec.Struct):
     reason: str | None = None
     termination_attempts: int = 0
     last_error: str | None = None
+    reachable: bool = True
+    unreachable_since: int | None = None
+    unreachable_error: str | None = None
 
     @property
     def backend(self) -> str:
@@ -335,6 +342,22 @@ def _instance_lost(state: State, event: InstanceLost, at: int) -> None:
     _end_instance(instance, at)
 
 
+def _instance_unreachable(state: State, event: InstanceUnreachable, at: int) -> None:
+    instance = state.instances[event.instance_id]
+    if instance.reachable:
+        instance.unreachable_since = at
+
+    instance.reachable = False
+    instance.unreachable_error = event.error
+
+
+def _instance_reachable(state: State, event: InstanceReachable, at: int) -> None:
+    instance = state.instances[event.instance_id]
+    instance.reachable = True
+    instance.unreachable_since = None
+    instance.unreachable_error = None
+
+
 def _end_instance(instance: Instance, at: int) -> None:
     instance.status = "terminated"
     instance.schedulable = False
@@ -486,6 +509,8 @@ _HANDLERS: dict[type, Callable[[State, object, int], None]] = {
     InstanceTerminationFailed: _instance_termination_failed,  # type: ignore[dict-item]
     InstanceTerminated: _instance_terminated,  # type: ignore[dict-item]
     InstanceLost: _instance_lost,  # type: ignore[dict-item]
+    InstanceUnreachable: _instance_unreachable,  # type: ignore[dict-item]
+    InstanceReachable: _instance_reachable,  # type: ignore[dict-item]
     RunSubmitted: _run_submitted,  # type: ignore[dict-item]
     RunStarted: _run_started,  # type: ignore[dict-item]
     RunFinished: _run_finished,  # type: ignore[dict-item]
