@@ -231,7 +231,11 @@ def instances_table(instances: Iterable[JsonObject], now: datetime) -> str:
 def runs_table(
     runs: Iterable[JsonObject], now: datetime, tz: tzinfo | None = None
 ) -> str:
-    """Render the ``ps`` table; ``now`` decides whether SUBMITTED shows the date."""
+    """Render the ``ps`` table; ``now`` decides whether SUBMITTED shows the date.
+
+    An ENDPOINT column, where a service or a run's ports are reached, is added
+    when some run has one.
+    """
     headers = [
         "RUN",
         "STATUS",
@@ -242,10 +246,11 @@ def runs_table(
         "WAIT",
         "COMMAND",
     ]
+    runs = list(runs)
     rows = [
         [
             run["name"],
-            run["status"],
+            format_run_status(run),
             run.get("instance") or NONE,
             run["pool"],
             run["user"],
@@ -255,8 +260,44 @@ def runs_table(
         ]
         for run in runs
     ]
+    endpoints = [format_endpoint(run) for run in runs]
+    if any(endpoint != NONE for endpoint in endpoints):
+        headers.insert(3, "ENDPOINT")
+        for row, endpoint in zip(rows, endpoints, strict=True):
+            row.insert(3, endpoint)
 
     return render_table(headers, rows)
+
+
+def format_run_status(run: JsonObject) -> str:
+    """Format a run's status with its attempt and restarts when there were any.
+
+    Examples: ``running``, ``running (attempt 2)``, ``failed (2 restarts)``.
+    """
+    notes = []
+    attempt = run.get("attempt") or 1
+    if attempt > 1:
+        notes.append(f"attempt {attempt}")
+
+    restarts = run.get("restarts") or 0
+    if restarts:
+        notes.append(f"{restarts} restart" + ("s" if restarts > 1 else ""))
+
+    status = str(run["status"])
+
+    return f"{status} ({', '.join(notes)})" if notes else status
+
+
+def format_endpoint(run: JsonObject) -> str:
+    """Format where a run is reached: a ready service's URL, else its ports."""
+    if run.get("url"):
+        return str(run["url"])
+
+    ports = run.get("ports") or []
+    if ports and run["status"] in ("starting", "running"):
+        return "ports " + ",".join(str(port) for port in ports)
+
+    return NONE
 
 
 def summarize_event(event: JsonObject) -> str:
