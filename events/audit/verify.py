@@ -479,7 +479,7 @@ class _LineIn(msgspec.Struct, frozen=True):
 
 
 _line_decoder = msgspec.json.Decoder(_LineIn)
-_event_decoder = msgspec.json.Decoder(Event)  # type: ignore[var-annotated]
+_event_decoder = msgspec.json.Decoder(Event)
 
 
 def is_sqlite_file(path: str) -> bool:

@@ -56,6 +56,14 @@ def instance_named(view: dict[str, Any], name: str) -> dict[str, Any]:
     return next(row for row in view["instances"] if row["name"] == name)
 
 
+def micro_usd(amount: str) -> int:
+    """Convert a USD amount with 6 decimals, as reports give it, to micro-USD."""
+    whole, _, fraction = amount.lstrip("-").partition(".")
+    value = int(whole) * 1_000_000 + int(fraction.ljust(6, "0"))
+
+    return -value if amount.startswith("-") else value
+
+
 def file_state(directory: Path) -> dict[str, str]:
     """Map each file name in ``directory`` to the SHA-256 of its bytes."""
     return {
@@ -195,19 +203,18 @@ class TestLive:
 
         report = json_of(daemon, "cost", "--by", "instance")
 
-        micro = lambda text: round(float(text) * 1_000_000)  # noqa: E731
         for row in report["rows"]:
             parts = (
-                micro(row["provisioning_usd"])
-                + micro(row["idle_usd"])
-                + micro(row["busy_usd"])
+                micro_usd(row["provisioning_usd"])
+                + micro_usd(row["idle_usd"])
+                + micro_usd(row["busy_usd"])
             )
-            assert parts == micro(row["total_usd"]), row["name"]
+            assert parts == micro_usd(row["total_usd"]), row["name"]
             assert row["life_usd"] == row["total_usd"], row["name"]
 
         # Each row is rounded to the micro-dollar on its own.
-        rows_total = sum(micro(row["total_usd"]) for row in report["rows"])
-        assert abs(rows_total - micro(report["totals"]["total_usd"])) <= len(
+        rows_total = sum(micro_usd(row["total_usd"]) for row in report["rows"])
+        assert abs(rows_total - micro_usd(report["totals"]["total_usd"])) <= len(
             report["rows"]
         )
         assert {row["name"] for row in report["rows"]} == {"small", "medium", "local-1"}
