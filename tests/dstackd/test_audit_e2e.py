@@ -236,3 +236,22 @@ class TestLive:
 
         assert result.returncode == 1
         assert f"position {head - 2} (truncated)" in result.stdout
+
+    def test_daemon_snapshots_match_replay(self, short_tmp: Path) -> None:
+        root = short_tmp / "snapshots"
+        root.mkdir()
+        config = PRICED_CONFIG.replace("[daemon]\n", "[daemon]\nsnapshot_every = 4\n")
+        daemon = DaemonProcess(root, config)
+        daemon.start()
+        try:
+            daemon.ctl_ok("pool", "add", "-y", *SMALL, "--name", "small")
+            for number in range(3):
+                run_task(daemon, f"job-{number}", *SMALL)
+
+            report = json_of(daemon, "events", "verify")
+        finally:
+            daemon.stop_active_runs()
+            daemon.stop()
+
+        assert report["ok"]
+        assert report["snapshots"] >= 2
