@@ -5,7 +5,7 @@
 queued, and one task at a time takes the writer role and commits everything
 queued so far in one transaction (group commit). Each append thus waits for
 one durable commit, which a burst of appends shares. Records are read on a
-second connection that sees only committed data.
+second connection, which reads only committed data.
 """
 
 import asyncio
