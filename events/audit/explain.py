@@ -103,7 +103,7 @@ def placement_instances(state: State, run: Run) -> dict[str, str]:
         if instance.for_run == run.id
     }
     held = [run.instance_id]
-    held.extend(attempt.instance_id for attempt in getattr(run, "history", ()))
+    held.extend(attempt.instance_id for attempt in run.history)
     for instance_id in held:
         instance = state.instances.get(instance_id or "")
         if instance is not None:

@@ -23,6 +23,7 @@ from events.log_reader import (
     LogReader,
     check_rows,
     check_schema,
+    read_head,
     read_record_hash,
 )
 from events.model import Actor
@@ -153,6 +154,11 @@ def iter_checked(reader: LogReader, after: int = 0) -> Iterator[CheckedRecord]:
     connection = reader.connection
     previous_hash = read_record_hash(connection, after)
     if previous_hash is None:
+        head_position, _ = read_head(connection)
+        if after >= head_position:
+            # Nothing follows ``after``, so there is nothing to check or yield.
+            return
+
         raise LogCorruptedError(reader.path, after, "record is missing")
 
     cursor = connection.execute(SELECT_ROWS, (after,))

@@ -19,6 +19,8 @@ from events.audit.explain import (
 from events.audit.export import iter_export
 from events.audit.idle_policy import IdlePolicySimulation
 from events.audit.records import EventFilter, encode_event_line, iter_checked
+from events.audit.times import utc_iso
+from events.errors import InvalidValueError
 from events.log_reader import LogReader
 from events.model import Duration
 from events.snapshot import load_state_offline
@@ -41,7 +43,15 @@ def cost_report(
     With ``idle_duration``, the report also contains what the same history would
     have cost under that idle duration. Reads every record up to the window's
     end, verified, in chunks.
+
+    Raises:
+        InvalidValueError: ``since`` is after ``until``.
     """
+    if since is not None and until is not None and since > until:
+        raise InvalidValueError(
+            "since", utc_iso(since), f"a time before --until {utc_iso(until)}"
+        )
+
     end = now if until is None else min(until, now)
     window = Window(since, end)
     simulation = None

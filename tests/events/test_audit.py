@@ -671,6 +671,10 @@ class TestCost:
         # a is idle from 130 and still there at 150: 8m + 60m + 20m idle.
         assert amounts(report)["a"] == ("0.040000", "1.760000", "1.200000", "3.000000")
 
+    def test_since_after_until_is_rejected(self, log_path: Path) -> None:
+        with pytest.raises(InvalidValueError, match="expected a time before --until"):
+            cost(log_path, since=120, until=60)
+
     def test_until_is_capped_at_now(self, log_path: Path) -> None:
         with LogReader.open(log_path) as reader:
             report = service.cost_report(
@@ -956,6 +960,15 @@ class TestEventLines:
             lines = list(service.event_lines(reader, event_filter))
 
         assert [msgspec.json.decode(line)["position"] for line in lines] == positions
+
+    @pytest.mark.parametrize(
+        ("after", "count"), [(0, HEAD), (20, 6), (HEAD, 0), (99, 0)]
+    )
+    def test_after_skips_records(self, log_path: Path, after: int, count: int) -> None:
+        with LogReader.open(log_path) as reader:
+            lines = list(service.event_lines(reader, build_filter(), after))
+
+        assert len(lines) == count
 
     def test_line_shows_record_fields(self, log_path: Path) -> None:
         with LogReader.open(log_path) as reader:
