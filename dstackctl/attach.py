@@ -92,7 +92,9 @@ def _connect(client: Client, run_name: str, socket_name: str) -> socket.socket:
             )
 
         if not waiting:
-            click.echo("Waiting for the dev environment to finish its init...", err=True)
+            click.echo(
+                "Waiting for the dev environment to finish its init...", err=True
+            )
             waiting = True
 
         time.sleep(CONNECT_RETRY_INTERVAL_S)
@@ -112,7 +114,9 @@ def open_shell(connection: socket.socket, argv: list[str] | None) -> int:
     message, fds, _, _ = socket.recv_fds(connection, _READ_SIZE, 1)
     reply, pending = _first_line(message)
     if "error" in reply or not fds:
-        raise AttachError(f"the dev environment refused the shell: {reply.get('error')}")
+        raise AttachError(
+            f"the dev environment refused the shell: {reply.get('error')}"
+        )
 
     master = fds[0]
     try:

@@ -115,7 +115,9 @@ profile_option = click.option(
     metavar="DURATION",
     help="Idle time before an instance that this run creates is torn down.",
 )
-@click.option("--reuse", is_flag=True, help="Only use an idle instance; never provision.")
+@click.option(
+    "--reuse", is_flag=True, help="Only use an idle instance; never provision."
+)
 @click.option("--instance", metavar="NAME", help="Run on this instance (name or id).")
 @click.option(
     "-e",
@@ -125,9 +127,13 @@ profile_option = click.option(
     metavar="KEY[=VALUE]",
     help="Set an environment variable; KEY alone passes on its value from here.",
 )
-@click.option("--name", help="Name of the run [default: the file's name, else generated].")
+@click.option(
+    "--name", help="Name of the run [default: the file's name, else generated]."
+)
 @click.option("-d", "--detach", is_flag=True, help="Print the run name and exit.")
-@click.option("--max-duration", metavar="DURATION", help="Stop the run after this long.")
+@click.option(
+    "--max-duration", metavar="DURATION", help="Stop the run after this long."
+)
 @click.option(
     "-w",
     "--working-dir",

@@ -4,7 +4,7 @@ A dev environment's process is ``dstackd/dev_environment.py``, which serves
 shells on an abstract Unix socket whose name contains a random token. The
 daemon picks the name at each launch and keeps it in the run's directory
 (``attach_socket``, mode 0600), never in the log. ``attach_target`` gives the
-name only to the run's own user (or root, or the daemon's user); the server
+name only to the run's own user, root or the daemon's user. The shell server
 checks the caller's uid with ``SO_PEERCRED`` as well.
 
 Design: the client receives the master side of a pseudo-terminal whose shell
@@ -62,7 +62,9 @@ def read_attach_socket(run_dir: Path) -> str | None:
         return None
 
 
-def attach_target(state: State, run: Run, run_dir: Path, actor: Actor) -> api.AttachTarget:
+def attach_target(
+    state: State, run: Run, run_dir: Path, actor: Actor
+) -> api.AttachTarget:
     """Describe how ``actor`` reaches ``run``.
 
     Raises:

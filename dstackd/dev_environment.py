@@ -1,5 +1,5 @@
 """The process of a dev environment run: it runs the init lines, then serves
-interactive shells to ``dstackctl attach`` until it is stopped or nobody was
+interactive shells to ``dstackctl attach`` until it is stopped or no client was
 attached for the inactivity duration.
 
 The daemon starts this file as the run's command, as ``python -I -S
@@ -90,7 +90,7 @@ class ShellServer:
         while True:
             timeout = self._idle_timeout()
             if timeout is not None and timeout <= 0:
-                _say(f"ends: nobody was attached for {self.inactivity_seconds}s")
+                _say(f"ends: no client was attached for {self.inactivity_seconds}s")
                 return 0
 
             for key, _ in self.selector.select(timeout):
@@ -110,6 +110,7 @@ class ShellServer:
         try:
             self._start_session(connection)
         except (OSError, ValueError) as exc:
+            _say(f"rejected an attach request: {exc}")
             _reply(connection, {"error": str(exc)})
             connection.close()
 
@@ -220,7 +221,7 @@ def _reply(connection: socket.socket, message: dict[str, object]) -> None:
     try:
         connection.sendall(_line(message))
     except OSError:
-        # The client went away; its shell already ended.
+        # The client went away, and so its shell ended already.
         pass
 
 

@@ -134,7 +134,7 @@ class RunConfigError(InvalidRequestError):
 class RunConfig(msgspec.Struct, frozen=True):
     """A parsed run configuration file.
 
-    ``request`` holds the fields the file sets. ``bare_env`` maps variables the
+    ``request`` contains the fields the file sets. ``bare_env`` maps variables the
     file lists without a value (they must come from ``-e NAME``) to their line.
     """
 
@@ -145,7 +145,7 @@ class RunConfig(msgspec.Struct, frozen=True):
 
 
 class Profile(msgspec.Struct, frozen=True):
-    """One entry of a profiles file; ``request`` holds the fields it sets."""
+    """One entry of a profiles file; ``request`` contains the fields it sets."""
 
     path: str
     name: str
@@ -290,8 +290,7 @@ def _unknown_field_problem(
         types = [name for name, fields in RUN_FIELDS.items() if key in fields]
         if types:
             return (
-                f"field {key} applies to type {' and '.join(types)}, "
-                f"not to {run_type}"
+                f"field {key} applies to type {' and '.join(types)}, not to {run_type}"
             )
 
     return f"unknown field {key}; expected one of: {', '.join(known)}"
@@ -366,7 +365,8 @@ def _run_type(reader: _Reader, root: _Field) -> str:
             if run_type not in RUN_TYPES:
                 raise reader.error(
                     field,
-                    f"invalid type {run_type!r}: expected one of {', '.join(RUN_TYPES)}",
+                    f"invalid type {run_type!r}: "
+                    f"expected one of {', '.join(RUN_TYPES)}",
                 )
 
             return run_type
@@ -431,7 +431,9 @@ def _read_name(reader: _Reader, field: _Field) -> str:
     try:
         check_name(field.path, name)
     except InvalidRequestError:
-        raise reader.error(field, f"invalid name {name!r}: expected {NAME_RULE}") from None
+        raise reader.error(
+            field, f"invalid name {name!r}: expected {NAME_RULE}"
+        ) from None
 
     return name
 
@@ -487,7 +489,9 @@ def _check_env_name(reader: _Reader, field: _Field, name: str) -> None:
 def _read_port(reader: _Reader, field: _Field) -> int:
     text = reader.text(field, "a port number")
     if not _PORT_TEXT_RE.fullmatch(text) or not _MIN_PORT <= int(text) <= _MAX_PORT:
-        problem = f"expected a port number from {_MIN_PORT} to {_MAX_PORT}, got {text!r}"
+        problem = (
+            f"expected a port number from {_MIN_PORT} to {_MAX_PORT}, got {text!r}"
+        )
         if ":" in text:
             problem += "; runs listen on the instance's own ports, so give one number"
 
@@ -497,13 +501,16 @@ def _read_port(reader: _Reader, field: _Field) -> int:
 
 
 def _read_probe(reader: _Reader, field: _Field) -> api.ProbeArgs:
-    entries = reader.mapping(field, PROBE_FIELDS, "a probe mapping (path, interval, timeout)")
+    entries = reader.mapping(
+        field, PROBE_FIELDS, "a probe mapping (path, interval, timeout)"
+    )
     values: dict[str, str] = {}
     if "path" in entries:
         path = reader.text(entries["path"], "an HTTP path")
         if not path.startswith("/"):
             raise reader.error(
-                entries["path"], f"invalid path {path!r}: expected a path starting with /"
+                entries["path"],
+                f"invalid path {path!r}: expected a path starting with /",
             )
 
         values["path"] = path
@@ -534,7 +541,9 @@ def _read_retry(reader: _Reader, field: _Field) -> api.RetryArgs:
         return api.RetryArgs(on_events=[])
 
     entries = reader.mapping(
-        field, ("on_events", "duration"), "true, false or a mapping (on_events, duration)"
+        field,
+        ("on_events", "duration"),
+        "true, false or a mapping (on_events, duration)",
     )
     on_events: list[str] | None = None
     if "on_events" in entries:
@@ -544,7 +553,8 @@ def _read_retry(reader: _Reader, field: _Field) -> api.RetryArgs:
             if event not in RETRY_EVENTS:
                 raise reader.error(
                     item,
-                    f"invalid retry event {event!r}: expected {', '.join(RETRY_EVENTS)}",
+                    f"invalid retry event {event!r}: "
+                    f"expected {', '.join(RETRY_EVENTS)}",
                 )
 
             on_events.append(event)
@@ -579,7 +589,9 @@ def _read_resources(reader: _Reader, field: _Field) -> dict[str, str]:
     )
     values: dict[str, str] = {}
     for key, item in entries.items():
-        text = _gpu_text(reader, item) if key == "gpu" else _range_text(reader, key, item)
+        text = (
+            _gpu_text(reader, item) if key == "gpu" else _range_text(reader, key, item)
+        )
         try:
             if key == "gpu":
                 parse_gpu(text, key)

@@ -1,10 +1,10 @@
 """Run limits: max_duration timers, retries of failed runs and restarts of
 services, decided over the projection.
 
-The ``decide_*`` functions are pure: the scheduler calls them under the
-decision lock when a run's process ends or when nothing fits a run, and
-appends what they return in the same batch as the end, so no reader ever sees
-a retried run as ended. ``RunLimits`` owns the timers: one deadline per running
+The ``decide_*`` functions are pure. The scheduler calls them under the
+decision lock when a run's process ends or when nothing fits a run. It appends
+what they return in the same batch as the end, so no reader ever sees a
+retried run as ended. ``RunLimits`` owns the timers: one deadline per running
 run with a max duration, counted from the ``RunStarted`` record of its current
 attempt, and wake-ups for retried runs whose delay passed or that wait for
 capacity. After a restart the timers come back from the log, so a run whose
@@ -84,8 +84,8 @@ def is_placeable(run: Run, now_us: int) -> bool:
 class EndDecision(msgspec.Struct, frozen=True):
     """What to append for a run whose process ended.
 
-    ``events`` go to the run's stream. ``release`` says whether the instance is
-    released, and ``relaunch`` whether the process is started again on it.
+    ``events`` go to the run's stream. ``release`` is true when the instance is
+    released, and ``relaunch`` when the process is started again on it.
     """
 
     events: list[Event]
@@ -101,7 +101,7 @@ def decide_end(state: State, run: Run, end: EndEvent, now_us: int) -> EndDecisio
 
     A stopped run just ends. A service restarts in place while it has
     restarts left and its instance is live. A dev environment whose process
-    exited with 0 ended because nobody was attached for its inactivity
+    exited with 0 ended because no client was attached for its inactivity
     duration. A failure is retried when the run's retry policy covers it and
     its retry duration has not run out.
     """
@@ -123,8 +123,10 @@ def decide_end(state: State, run: Run, end: EndEvent, now_us: int) -> EndDecisio
     if run.spec.type == "dev-environment" and isinstance(end, RunFinished):
         if end.exit_status == 0:
             inactivity = format_duration(run.spec.inactivity_duration)
-            why = f"nobody was attached for its inactivity duration of {inactivity}"
-            return EndDecision([RunFinished(run.id, 0, why)])
+            reason = (
+                f"no client was attached for its inactivity duration of {inactivity}"
+            )
+            return EndDecision([RunFinished(run.id, 0, reason)])
 
     trigger = _failure_trigger(end, interrupted)
     if trigger is None or not retries_on(run.spec, trigger):
@@ -143,9 +145,9 @@ def decide_no_capacity(
     """Decide what to append when nothing fits ``run`` or provisioning failed.
 
     Returns ``failure`` when the retry policy does not cover it or its duration
-    ran out, a ``RunRetried`` that starts a wait for capacity (or, after a
-    failed provisioning, queues the run again after a delay), or None while
-    the run already waits.
+    ran out. Otherwise returns a ``RunRetried`` that starts a wait for capacity,
+    or that queues the run again after a delay when provisioning failed. None
+    means that the run already waits.
     """
     if not retries_on(run.spec, "no-capacity"):
         return failure
@@ -154,7 +156,8 @@ def decide_no_capacity(
     if deadline is not None and now_us >= deadline:
         duration = format_duration(run.spec.retry.duration if run.spec.retry else None)
         return RunFailed(
-            run.id, f"{failure.reason}; no capacity within the retry duration of {duration}"
+            run.id,
+            f"{failure.reason}; no capacity within the retry duration of {duration}",
         )
 
     if run.capacity_wait_since is not None and not provisioning_failed:
@@ -180,7 +183,9 @@ def _retry_event(
 
     retry_at = None
     if backoff:
-        delay = min(RETRY_BACKOFF_START_US << min(len(run.history), 20), RETRY_BACKOFF_MAX_US)
+        delay = min(
+            RETRY_BACKOFF_START_US << min(len(run.history), 20), RETRY_BACKOFF_MAX_US
+        )
         retry_at = now_us + delay if deadline is None else min(now_us + delay, deadline)
 
     return RunRetried(

@@ -1,5 +1,5 @@
 """Readiness probes of services: a service counts as ready once an HTTP GET of
-its probe path on its port answers 2xx, which ``RunReady`` records.
+its probe path on its port returns a 2xx status, which ``RunReady`` records.
 
 One probe task runs per start of a service, in this component's own task
 group, so a slow or hanging service never holds up the scheduler. Each GET is
@@ -115,7 +115,9 @@ class ServiceProbes:
                 url, timeout=ClientTimeout(total=timeout), allow_redirects=False
             ) as response:
                 ok = 200 <= response.status < 300
-                log.debug("service_probed", run_id=run_id, url=url, status=response.status)
+                log.debug(
+                    "service_probed", run_id=run_id, url=url, status=response.status
+                )
                 return ok
         except (ClientError, TimeoutError, OSError) as error:
             log.debug("service_probe_failed", run_id=run_id, url=url, error=repr(error))

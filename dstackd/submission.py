@@ -27,7 +27,9 @@ from events.model import Duration, Requirements
 # How often a service is restarted in place when its file sets no max_restarts.
 DEFAULT_SERVICE_MAX_RESTARTS = 3
 
-PROFILES_LOCATIONS = ".dstack/profiles.yml in the working directory, ~/.dstack/profiles.yml"
+PROFILES_LOCATIONS = (
+    ".dstack/profiles.yml in the working directory, ~/.dstack/profiles.yml"
+)
 
 _SERVICE_ONLY = ("port", "probe", "max_restarts")
 _DEV_ENVIRONMENT_ONLY = ("init", "inactivity_duration")
@@ -156,7 +158,9 @@ def _merge(lower: api.SubmitRun, upper: api.SubmitRun) -> api.SubmitRun:
     return _replace(lower, **changes)
 
 
-def _merge_resources(lower: api.ResourceArgs, upper: api.ResourceArgs) -> api.ResourceArgs:
+def _merge_resources(
+    lower: api.ResourceArgs, upper: api.ResourceArgs
+) -> api.ResourceArgs:
     changes = {
         name: getattr(upper, name)
         for name in api.ResourceArgs.__struct_fields__

@@ -67,7 +67,9 @@ def test_run_file_sends_path_and_text(fake_daemon: FakeDaemon, project: Path) ->
     assert "profiles" not in body
 
 
-def test_apply_passes_flags_and_profiles(fake_daemon: FakeDaemon, project: Path) -> None:
+def test_apply_passes_flags_and_profiles(
+    fake_daemon: FakeDaemon, project: Path
+) -> None:
     fake_daemon.route("POST", "/v1/runs", RUN)
     (project / ".dstack").mkdir()
     (project / ".dstack" / "profiles.yml").write_text("profiles: []\n")
@@ -77,8 +79,18 @@ def test_apply_passes_flags_and_profiles(fake_daemon: FakeDaemon, project: Path)
 
     result = invoke(
         fake_daemon,
-        "apply", "-d", "-f", "task.yml", "--profile", "big", "--gpu", "A100",
-        "-e", "A=1", "-w", "sub",
+        "apply",
+        "-d",
+        "-f",
+        "task.yml",
+        "--profile",
+        "big",
+        "--gpu",
+        "A100",
+        "-e",
+        "A=1",
+        "-w",
+        "sub",
         cwd=project,
     )
 
@@ -111,7 +123,8 @@ def test_run_without_command_or_file_is_usage_error(fake_daemon: FakeDaemon) -> 
 
 def test_unreadable_file_is_usage_error(fake_daemon: FakeDaemon, project: Path) -> None:
     result = CliRunner().invoke(
-        cli, ["--socket", fake_daemon.socket_path, "apply", "-f", str(project / "no.yml")]
+        cli,
+        ["--socket", fake_daemon.socket_path, "apply", "-f", str(project / "no.yml")],
     )
 
     assert result.exit_code == 2

@@ -16,7 +16,9 @@ PATH = "/src/app/.dstack.yml"
 INVALID_FILES = [
     pytest.param("", "", 1, "the file is empty", id="empty"),
     pytest.param("type: [task\n", "", 2, "invalid YAML", id="bad-yaml"),
-    pytest.param("- a\n- b\n", "", 1, "expected a run configuration mapping", id="list"),
+    pytest.param(
+        "- a\n- b\n", "", 1, "expected a run configuration mapping", id="list"
+    ),
     pytest.param("name: x\n", "", 1, "missing field type", id="no-type"),
     pytest.param("type: job\n", "type", 1, "invalid type 'job'", id="bad-type"),
     pytest.param(
@@ -27,15 +29,24 @@ INVALID_FILES = [
         id="image",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\ndocker: true\n", "docker", 3, "not containers",
+        "type: task\ncommands: [a]\ndocker: true\n",
+        "docker",
+        3,
+        "not containers",
         id="docker",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\nregistry_auth: {}\n", "registry_auth", 3,
-        "not containers", id="registry-auth",
+        "type: task\ncommands: [a]\nregistry_auth: {}\n",
+        "registry_auth",
+        3,
+        "not containers",
+        id="registry-auth",
     ),
     pytest.param(
-        "type: dev-environment\nide: vscode\n", "ide", 2, "IDEs are not supported",
+        "type: dev-environment\nide: vscode\n",
+        "ide",
+        2,
+        "IDEs are not supported",
         id="ide",
     ),
     pytest.param(
@@ -60,7 +71,10 @@ INVALID_FILES = [
         id="init-on-service",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\ncommands: [b]\n", "commands", 3, "duplicate field",
+        "type: task\ncommands: [a]\ncommands: [b]\n",
+        "commands",
+        3,
+        "duplicate field",
         id="duplicate",
     ),
     pytest.param(
@@ -78,16 +92,25 @@ INVALID_FILES = [
         id="command-mapping",
     ),
     pytest.param(
-        "type: task\nname: Bad Name\ncommands: [a]\n", "name", 2, "invalid name 'Bad Name'",
+        "type: task\nname: Bad Name\ncommands: [a]\n",
+        "name",
+        2,
+        "invalid name 'Bad Name'",
         id="bad-name",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\nenv:\n  1X: y\n", "env.1X", 4,
-        "invalid environment variable name '1X'", id="bad-env-name",
+        "type: task\ncommands: [a]\nenv:\n  1X: y\n",
+        "env.1X",
+        4,
+        "invalid environment variable name '1X'",
+        id="bad-env-name",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\nenv:\n  - OK=1\n  - 9=2\n", "env[1]", 5,
-        "invalid environment variable name '9'", id="bad-env-item",
+        "type: task\ncommands: [a]\nenv:\n  - OK=1\n  - 9=2\n",
+        "env[1]",
+        5,
+        "invalid environment variable name '9'",
+        id="bad-env-item",
     ),
     pytest.param(
         "type: task\ncommands: [a]\nresources:\n  gpu: A100:80XB\n",
@@ -132,12 +155,18 @@ INVALID_FILES = [
         id="bad-spot",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\nmax_price: cheap\n", "max_price", 3,
-        "invalid max_price 'cheap'", id="bad-price",
+        "type: task\ncommands: [a]\nmax_price: cheap\n",
+        "max_price",
+        3,
+        "invalid max_price 'cheap'",
+        id="bad-price",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\nidle_duration: 5x\n", "idle_duration", 3,
-        "invalid idle_duration '5x'", id="bad-idle",
+        "type: task\ncommands: [a]\nidle_duration: 5x\n",
+        "idle_duration",
+        3,
+        "invalid idle_duration '5x'",
+        id="bad-idle",
     ),
     pytest.param(
         "type: task\ncommands: [a]\nmax_duration: 1H\n",
@@ -147,8 +176,11 @@ INVALID_FILES = [
         id="upper-unit",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\ncreation_policy: always\n", "creation_policy", 3,
-        "expected reuse or reuse-or-create", id="bad-policy",
+        "type: task\ncommands: [a]\ncreation_policy: always\n",
+        "creation_policy",
+        3,
+        "expected reuse or reuse-or-create",
+        id="bad-policy",
     ),
     pytest.param(
         "type: task\ncommands: [a]\nretry:\n  on_events: [error, crash]\n",
@@ -158,23 +190,32 @@ INVALID_FILES = [
         id="bad-retry-event",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\nretry:\n  duration: soon\n", "retry.duration", 4,
-        "invalid retry.duration 'soon'", id="bad-retry-duration",
+        "type: task\ncommands: [a]\nretry:\n  duration: soon\n",
+        "retry.duration",
+        4,
+        "invalid retry.duration 'soon'",
+        id="bad-retry-duration",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\nretry: 3\n", "retry", 3, "expected true, false or a mapping",
+        "type: task\ncommands: [a]\nretry: 3\n",
+        "retry",
+        3,
+        "expected true, false or a mapping",
         id="retry-number",
     ),
     pytest.param(
-        "type: task\ncommands: [a]\nports: [\"8080:80\"]\n",
+        'type: task\ncommands: [a]\nports: ["8080:80"]\n',
         "ports[0]",
         3,
         "give one number",
         id="port-mapping",
     ),
     pytest.param(
-        "type: service\ncommands: [a]\nport: 70000\n", "port", 3,
-        "expected a port number from 1 to 65535", id="port-range",
+        "type: service\ncommands: [a]\nport: 70000\n",
+        "port",
+        3,
+        "expected a port number from 1 to 65535",
+        id="port-range",
     ),
     pytest.param(
         "type: service\ncommands: [a]\nport: 80\nprobe:\n  path: health\n",
@@ -198,8 +239,11 @@ INVALID_FILES = [
         id="negative-restarts",
     ),
     pytest.param(
-        "type: dev-environment\ninactivity_duration: [1]\n", "inactivity_duration", 2,
-        "expected a duration, got a list", id="inactivity-list",
+        "type: dev-environment\ninactivity_duration: [1]\n",
+        "inactivity_duration",
+        2,
+        "expected a duration, got a list",
+        id="inactivity-list",
     ),
 ]
 
@@ -250,7 +294,9 @@ retry:
     assert spec.commands == ("python -m http.server 8000",)
     assert spec.env_names == ("MODE",)
     assert spec.working_dir == "/src/app/"
-    assert spec.requirements.gpu == GpuSpec(("A100", "H100"), Range(40, None), Range(1, 1))
+    assert spec.requirements.gpu == GpuSpec(
+        ("A100", "H100"), Range(40, None), Range(1, 1)
+    )
     assert spec.requirements.cpu == Range(2, None)
     assert spec.requirements.spot_policy == "auto"
     assert spec.requirements.max_price == 1.5
@@ -373,10 +419,14 @@ def test_unknown_profile_lists_known_ones() -> None:
     [
         pytest.param("profiles:\n  - pool: x\n", 2, "missing field name", id="no-name"),
         pytest.param(
-            "profiles:\n  - name: a\n  - name: a\n", 3, "duplicate profile name", id="dup"
+            "profiles:\n  - name: a\n  - name: a\n",
+            3,
+            "duplicate profile name",
+            id="dup",
         ),
         pytest.param(
-            "profiles:\n  - name: a\n    default: true\n  - name: b\n    default: true\n",
+            "profiles:\n  - name: a\n    default: true\n"
+            "  - name: b\n    default: true\n",
             4,
             "a second profile marked default; the first is on line 2",
             id="two-defaults",
@@ -385,7 +435,9 @@ def test_unknown_profile_lists_known_ones() -> None:
             "profiles:\n  - name: a\n    image: x\n", 3, "not supported", id="image"
         ),
         pytest.param(
-            "profiles:\n  - name: a\n    max_price: free\n", 3, "invalid max_price",
+            "profiles:\n  - name: a\n    max_price: free\n",
+            3,
+            "invalid max_price",
             id="price",
         ),
     ],
@@ -403,11 +455,14 @@ def test_invalid_profiles_file(text: str, line: int, problem: str) -> None:
     [
         pytest.param({"type": "service", "argv": ["a"]}, "needs a port", id="no-port"),
         pytest.param(
-            {"type": "task", "argv": ["a"], "port": 80}, "port applies to type service",
+            {"type": "task", "argv": ["a"], "port": 80},
+            "port applies to type service",
             id="port-on-task",
         ),
         pytest.param(
-            {"type": "dev-environment", "argv": ["a"]}, "runs no command", id="dev-command"
+            {"type": "dev-environment", "argv": ["a"]},
+            "runs no command",
+            id="dev-command",
         ),
         pytest.param(
             {"type": "task", "argv": ["a"], "init": ["b"]},
@@ -428,7 +483,9 @@ def test_retry_true_covers_every_event() -> None:
     text = "type: task\ncommands: [a]\nretry: true\n"
     config = parse_run_config(PATH, text)
 
-    spec = build_run_spec(resolve_request(api.SubmitRun(config=api.ConfigFile(PATH, text))))
+    spec = build_run_spec(
+        resolve_request(api.SubmitRun(config=api.ConfigFile(PATH, text)))
+    )
 
     assert config.request.retry == api.RetryArgs()
     assert spec.retry == RetryPolicy()

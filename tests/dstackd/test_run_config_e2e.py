@@ -70,7 +70,11 @@ resources:
 
 def assert_reused(daemon: DaemonProcess, pooled: dict[str, Any], run_name: str) -> None:
     run_id = run_view(daemon, run_name)["id"]
-    claims = [r for r in records_of(daemon, "InstanceClaimed") if r["event"]["run_id"] == run_id]
+    claims = [
+        r
+        for r in records_of(daemon, "InstanceClaimed")
+        if r["event"]["run_id"] == run_id
+    ]
     assert claims, f"run {run_name} claimed no instance"
     assert {c["event"]["instance_id"] for c in claims} == {pooled["id"]}
     assert len(records_of(daemon, "InstanceRequested")) == 1
@@ -126,7 +130,7 @@ class TestTask:
             short_tmp,
             "task.yml",
             "type: task\nname: hello\n"
-            "commands:\n  - echo \"GPU=$CUDA_VISIBLE_DEVICES GREETING=$GREETING\"\n"
+            'commands:\n  - echo "GPU=$CUDA_VISIBLE_DEVICES GREETING=$GREETING"\n'
             "  - pwd\n"
             "env:\n  GREETING: hi\n" + REUSE_RESOURCES,
         )
@@ -144,7 +148,7 @@ class TestTask:
         config = write_file(
             short_tmp,
             "task.yml",
-            "type: task\nname: from-file\ncommands:\n  - echo \"V=$V\"\n"
+            'type: task\nname: from-file\ncommands:\n  - echo "V=$V"\n'
             "env:\n  V: file\n" + REUSE_RESOURCES,
         )
 
@@ -187,7 +191,7 @@ class TestTask:
         config = write_file(
             project,
             "task.yml",
-            "type: task\nname: profiled\ncommands: [\"true\"]\n"
+            'type: task\nname: profiled\ncommands: ["true"]\n'
             "resources:\n  cpu: 1\n  memory: 1GB\n",
         )
 
@@ -211,7 +215,8 @@ class TestService:
             "service.yml",
             f"type: service\nname: web\nport: {port}\n"
             "probe:\n  path: /health\n  interval: 1s\n  timeout: 1s\n"
-            f"commands:\n  - exec {sys.executable} server.py {port}\n" + REUSE_RESOURCES,
+            f"commands:\n  - exec {sys.executable} server.py {port}\n"
+            + REUSE_RESOURCES,
         )
 
         daemon.ctl_ok("apply", "-d", "-f", str(config))
@@ -283,8 +288,17 @@ class TestDevEnvironment:
         script = 'echo "GPUS=$CUDA_VISIBLE_DEVICES PROJECT=$PROJECT DIR=$(pwd)"; tty'
 
         code, output = run_on_terminal(
-            [str(BIN / "dstackctl"), "--socket", str(daemon.socket), "attach", "dev",
-             "--", "sh", "-c", script],
+            [
+                str(BIN / "dstackctl"),
+                "--socket",
+                str(daemon.socket),
+                "attach",
+                "dev",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
             daemon.env(),
         )
 
@@ -305,8 +319,15 @@ class TestDevEnvironment:
         daemon.wait_for_event("RunStarted")
 
         code, output = run_on_terminal(
-            [str(BIN / "dstackctl"), "--socket", str(daemon.socket), "attach", "dev",
-             "--", "sh"],
+            [
+                str(BIN / "dstackctl"),
+                "--socket",
+                str(daemon.socket),
+                "attach",
+                "dev",
+                "--",
+                "sh",
+            ],
             daemon.env(),
             send=b"echo VALUE=$PROJECT; exit 3\n",
         )
@@ -314,15 +335,26 @@ class TestDevEnvironment:
         assert code == 3, output
         assert "VALUE=dstackd" in output
 
-    def test_stop_ends_attached_shell(self, daemon: DaemonProcess, short_tmp: Path) -> None:
+    def test_stop_ends_attached_shell(
+        self, daemon: DaemonProcess, short_tmp: Path
+    ) -> None:
         add_pooled_instance(daemon)
         config = self.dev_environment(daemon, short_tmp)
         daemon.ctl_ok("apply", "-d", "-f", str(config))
         daemon.wait_for_event("RunStarted")
         pid_file = short_tmp / "shell.pid"
         attached = subprocess.Popen(
-            [str(BIN / "dstackctl"), "--socket", str(daemon.socket), "attach", "dev",
-             "--", "sh", "-c", f"echo $$ > {pid_file}; exec sleep 300"],
+            [
+                str(BIN / "dstackctl"),
+                "--socket",
+                str(daemon.socket),
+                "attach",
+                "dev",
+                "--",
+                "sh",
+                "-c",
+                f"echo $$ > {pid_file}; exec sleep 300",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -419,7 +451,9 @@ class TestRetry:
         view = run_view(daemon, "flaky")
         assert result.returncode == 2
         assert len(retried) >= 1
-        assert [r["event"]["attempt"] for r in retried] == list(range(2, len(retried) + 2))
+        assert [r["event"]["attempt"] for r in retried] == list(
+            range(2, len(retried) + 2)
+        )
         assert {r["event"]["trigger"] for r in retried} == {"error"}
         assert len(records_of(daemon, "RunStarted")) == len(retried) + 1
         assert view["status"] == "failed"

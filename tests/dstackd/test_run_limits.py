@@ -153,7 +153,7 @@ class TestDecideEnd:
         finished = decision.events[0]
         assert isinstance(finished, RunFinished)
         assert finished.reason == (
-            "nobody was attached for its inactivity duration of 1m30s"
+            "no client was attached for its inactivity duration of 1m30s"
         )
 
 
@@ -182,9 +182,7 @@ class TestDecideNoCapacity:
         run.capacity_wait_since = SUBMITTED_AT
         failure = RunFailed("r-1", "provisioning failed")
 
-        event = decide_no_capacity(
-            run, failure, SUBMITTED_AT, provisioning_failed=True
-        )
+        event = decide_no_capacity(run, failure, SUBMITTED_AT, provisioning_failed=True)
 
         assert isinstance(event, RunRetried)
         assert event.retry_at == SUBMITTED_AT + RETRY_BACKOFF_START_US
