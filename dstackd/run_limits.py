@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import anyio
+import anyio.abc
 import msgspec
 import structlog
 
@@ -246,6 +247,7 @@ class RunLimits:
         self._armed: dict[tuple[str, str], _Timer] = {}
         self._heap: list[_Timer] = []
         self._wake = anyio.Event()
+        self._task_group: anyio.abc.TaskGroup | None = None
         core.subscribe(self._on_commit)
 
     def now_us(self) -> int:
@@ -282,7 +284,15 @@ class RunLimits:
         self._wake.set()
 
     async def run(self) -> None:
-        """Act on timers as they come due, until cancelled."""
+        """Act on timers as they come due, until cancelled.
+
+        Stops runs in their own tasks, so a run that takes its grace period to
+        exit does not delay the other timers.
+        """
+        async with anyio.create_task_group() as self._task_group:
+            await self._run_timers()
+
+    async def _run_timers(self) -> None:
         for run in list(self.core.state.runs.values()):
             self.update(run)
 
@@ -333,7 +343,10 @@ class RunLimits:
             )
 
         log.info("run_max_duration_exceeded", run_id=run_id, max_duration_s=limit)
-        await self.stop_run(run_id)  # type: ignore[misc]
+        if self._task_group is None:
+            await self.stop_run(run_id)  # type: ignore[misc]
+        else:
+            self._task_group.start_soon(self.stop_run, run_id)  # type: ignore[arg-type]
 
 
 def _max_duration_timer(run: Run) -> _Timer | None:
