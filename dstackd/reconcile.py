@@ -40,7 +40,7 @@ _ALIVE_STATUSES = frozenset({"idle", "busy"})
 
 
 class ReconcileReport(msgspec.Struct):
-    """What one pass found and did, by EC2 instance id or instance id."""
+    """Findings and actions of one pass, by EC2 instance id or instance id."""
 
     orphans_terminated: list[str] = []
     orphans_in_grace: list[str] = []
@@ -112,7 +112,10 @@ class Reconciler:
         """Return the configured regions plus those of recorded instances."""
         regions = list(self.backend.config.regions)
         for instance in state.instances.values():
-            if instance.backend == BACKEND_NAME and instance.offer.region not in regions:
+            if (
+                instance.backend == BACKEND_NAME
+                and instance.offer.region not in regions
+            ):
                 regions.append(instance.offer.region)
 
         return regions
@@ -143,7 +146,9 @@ class Reconciler:
 
         for region, ec2_ids in to_terminate.items():
             log.warning(
-                "untracked_instances_terminating", region=region, ec2_instance_ids=ec2_ids
+                "untracked_instances_terminating",
+                region=region,
+                ec2_instance_ids=ec2_ids,
             )
             await self.backend.terminate_ec2(region, ec2_ids)
 

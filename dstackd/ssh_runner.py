@@ -2,11 +2,11 @@
 
 Each run gets a directory ``~/.dstackd/runs/<run id>/`` on its host. A small
 ``sh`` supervisor, detached with ``setsid -f`` so it outlives the SSH session,
-starts the task in a process group of its own, writes its own pid and start
-time to ``pid`` and the task's pid to ``task_pid``, waits for the task and
+starts the task in a process group of its own. It writes its own pid and start
+time to ``pid`` and the task's pid to ``task_pid``. When the task ends, it
 writes the exit status to ``exit_status``. The daemon therefore never needs to
-stay connected: a restarted daemon re-adopts the run from the pid recorded in
-``RunStarted`` and the files on the host.
+stay connected, and a restarted daemon re-adopts the run from the pid recorded
+in ``RunStarted`` and the files on the host.
 
 The task's output goes to ``output.log`` on the host, and ``wait`` copies it
 into the run's local log file with ``tail --pid``, continuing from the local
@@ -29,7 +29,13 @@ import msgspec
 import structlog
 
 from dstackd.backends.base import BackendError
-from dstackd.backends.ssh import SshError, SshTarget, connect, run_command
+from dstackd.backends.ssh import (
+    SshCommandError,
+    SshError,
+    SshTarget,
+    connect,
+    run_command,
+)
 from dstackd.runner import RunLaunch, RunLostError, RunStartError, shell_argv
 from events.errors import InvalidValueError
 
@@ -95,6 +101,8 @@ class SshRunner:
             copies output, which notice a host that stopped answering.
         lost_after_seconds: how long ``wait`` keeps reconnecting to a host that
             does not answer before it gives the run up as lost.
+        start_retry_seconds: how long ``start`` retries a host that cannot be
+            reached before the run fails to start.
     """
 
     def __init__(
@@ -103,10 +111,12 @@ class SshRunner:
         connect_timeout: float = 10.0,
         keepalive_interval: float = 15.0,
         lost_after_seconds: float = 3600.0,
+        start_retry_seconds: float = 120.0,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
         self.lost_after_seconds = lost_after_seconds
+        self.start_retry_seconds = start_retry_seconds
         self._abandoned: set[str] = set()
 
     async def start(self, launch: RunLaunch) -> SshRunHandle:
@@ -115,7 +125,8 @@ class SshRunner:
         Raises:
             InvalidValueError: ``argv`` and ``commands`` are both set or both
                 empty.
-            RunStartError: the host is unreachable, or the start script failed.
+            RunStartError: the host stayed unreachable for
+                ``start_retry_seconds``, or the start script failed.
         """
         task_script = _task_script(launch)
         try:
@@ -126,21 +137,7 @@ class SshRunner:
         remote_dir = f"{REMOTE_RUNS_DIR}/{launch.run_id}"
         script = _start_script(remote_dir, launch.env, task_script)
         os.makedirs(launch.run_dir, mode=0o750, exist_ok=True)
-        try:
-            connection = await connect(target, timeout=self.connect_timeout)
-            async with connection:
-                output = await run_command(
-                    connection,
-                    target.address,
-                    "sh -s",
-                    input=script,
-                    timeout=START_TIMEOUT_SECONDS,
-                )
-        except SshError as exc:
-            # NOTE: when the connection breaks after the supervisor started,
-            # the task runs on the host while the run is recorded as failed.
-            raise RunStartError(launch.run_id, str(exc)) from exc
-
+        output = await self._run_start_script(launch.run_id, target, script)
         pid, start_time = _parse_pid_line(launch.run_id, output)
         log.debug(
             "ssh_run_started",
@@ -158,6 +155,45 @@ class SshRunner:
             target=target,
             remote_dir=remote_dir,
         )
+
+    async def _run_start_script(
+        self, run_id: str, target: SshTarget, script: str
+    ) -> str:
+        """Run the start script, retrying while the host cannot be reached.
+
+        A fresh cloud instance may run before its sshd accepts logins, so
+        connection failures are retried for ``start_retry_seconds``. Running
+        the script twice is safe, because a second start finds the pid file.
+        """
+        started = anyio.current_time()
+        backoff = RECONNECT_BACKOFF_START_SECONDS
+        while True:
+            try:
+                connection = await connect(target, timeout=self.connect_timeout)
+                async with connection:
+                    return await run_command(
+                        connection,
+                        target.address,
+                        "sh -s",
+                        input=script,
+                        timeout=START_TIMEOUT_SECONDS,
+                    )
+            except SshCommandError as exc:
+                raise RunStartError(run_id, str(exc)) from exc
+            except SshError as exc:
+                if anyio.current_time() - started >= self.start_retry_seconds:
+                    raise RunStartError(run_id, str(exc)) from exc
+
+                log.warning(
+                    "ssh_run_start_retried",
+                    run_id=run_id,
+                    host=target.address,
+                    error=exc.reason,
+                    retry_seconds=backoff,
+                )
+
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_SECONDS)
 
     def adopt(
         self,
@@ -337,7 +373,7 @@ def _task_script(launch: RunLaunch) -> str:
     if launch.working_dir:
         directory = shlex.quote(launch.working_dir)
         lines.append(
-            f"cd {directory} 2>/dev/null || echo \"dstackd: working directory "
+            f'cd {directory} 2>/dev/null || echo "dstackd: working directory '
             f"{_escape_for_double_quotes(launch.working_dir)} does not exist on "
             'this host; running in $HOME" >&2'
         )
@@ -376,7 +412,7 @@ def _start_script(remote_dir: str, env: Mapping[str, str], task_script: str) -> 
     ]
     for name, content in files.items():
         encoded = base64.b64encode(content.encode()).decode()
-        lines.append(f"  echo {encoded} | base64 -d >\"$d/{name}\"")
+        lines.append(f'  echo {encoded} | base64 -d >"$d/{name}"')
 
     lines += [
         '  setsid -f sh "$d/supervisor.sh" "$d" </dev/null >/dev/null 2>&1',
@@ -416,13 +452,16 @@ def _follow_command(handle: SshRunHandle, offset: int) -> str:
     process (a different start time) as ended. A supervisor that already
     ended gets a plain copy of the rest of the log.
     """
+    # After "set --" on the fields that follow the command name, $1 is the
+    # state (field 3 of /proc/PID/stat) and ${20} the start time (field 22).
+    start_time = handle.pid_start_time
     script = (
         f'd="$HOME/{handle.remote_dir}"\n'
         "alive() {\n"
-        f'  s=$(cat /proc/{handle.pid}/stat 2>/dev/null) || return 1\n'
-        '  s=${s##*) }\n'
+        f"  s=$(cat /proc/{handle.pid}/stat 2>/dev/null) || return 1\n"
+        "  s=${s##*) }\n"
         "  set -- $s\n"
-        f'  [ "$1" != Z ] && [ "$1" != X ] && [ "${{20}}" = "{handle.pid_start_time}" ]\n'
+        f'  [ "$1" != Z ] && [ "$1" != X ] && [ "${{20}}" = "{start_time}" ]\n'
         "}\n"
         "if alive; then\n"
         "  (while alive; do sleep 0.2; done) &\n"

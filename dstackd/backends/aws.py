@@ -178,7 +178,9 @@ class AwsBackend:
 
             for entry in self.catalog_entries():
                 offers.extend(
-                    _entry_offers(entry, region, disk_gb, spot_prices.get(entry.instance_type))
+                    _entry_offers(
+                        entry, region, disk_gb, spot_prices.get(entry.instance_type)
+                    )
                 )
 
         fitting = [offer for offer in offers if mismatch(requirements, offer) is None]
@@ -218,7 +220,9 @@ class AwsBackend:
 
         return prices
 
-    async def _fetch_spot_prices(self, region: str, types: list[str]) -> dict[str, float]:
+    async def _fetch_spot_prices(
+        self, region: str, types: list[str]
+    ) -> dict[str, float]:
         prices: dict[str, float] = {}
         async with self._client(region, "DescribeSpotPriceHistory") as ec2:
             paginator = ec2.get_paginator("describe_spot_price_history")
@@ -357,7 +361,7 @@ class AwsBackend:
                 raise BackendError(
                     f"create instance {instance_id}: EC2 instance {ec2_instance_id} "
                     f"is still {state} after {self.config.running_timeout_seconds:g}s, "
-                    "so it was terminated; try again or raise "
+                    "so it is being terminated; try again or raise "
                     "aws.running_timeout_seconds"
                 )
 
@@ -518,7 +522,9 @@ class AwsBackend:
         if not os.path.exists(self.key_path):
             key = asyncssh.generate_private_key("ssh-ed25519")
             temporary = self.key_path + ".tmp"
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            descriptor = os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+            )
             with os.fdopen(descriptor, "wb") as file:
                 file.write(key.export_private_key())
                 file.flush()
@@ -617,7 +623,9 @@ class AwsBackend:
         async with self._client(region, "DescribeImages") as ec2:
             response = await ec2.describe_images(**request)
 
-        images = sorted(response.get("Images", []), key=lambda i: i.get("CreationDate", ""))
+        images = sorted(
+            response.get("Images", []), key=lambda i: i.get("CreationDate", "")
+        )
         if not images:
             raise BackendError(
                 f"no image found in {region} for {json.dumps(request)}; set "
@@ -642,8 +650,8 @@ class AwsBackend:
 class _Ec2Client(AbstractAsyncContextManager[Any]):
     """An EC2 client for one region whose errors become ``BackendError``.
 
-    The message names the operation, the region and EC2's error code and
-    message; credentials never appear in either.
+    The message contains the operation, the region, and EC2's error code and
+    message, but no request parameters or credentials.
     """
 
     def __init__(
@@ -672,9 +680,10 @@ class _Ec2Client(AbstractAsyncContextManager[Any]):
 
         await self._context.__aexit__(exc_type, exc, traceback)
         if isinstance(exc, botocore.exceptions.ClientError):
+            message = exc.response.get("Error", {}).get("Message", "")
             raise BackendError(
                 f"EC2 {self._operation} in {self._region} failed: "
-                f"{_error_code(exc)}: {exc.response.get('Error', {}).get('Message', '')}"
+                f"{_error_code(exc)}: {message}"
             ) from exc
 
         if isinstance(exc, botocore.exceptions.BotoCoreError):
@@ -724,11 +733,15 @@ def _entry_offers(
         disk_gb=disk_gb,
     )
     offers = [
-        Offer(BACKEND_NAME, region, entry.instance_type, resources, False, on_demand_price)
+        Offer(
+            BACKEND_NAME, region, entry.instance_type, resources, False, on_demand_price
+        )
     ]
     if spot_price is not None:
         offers.append(
-            Offer(BACKEND_NAME, region, entry.instance_type, resources, True, spot_price)
+            Offer(
+                BACKEND_NAME, region, entry.instance_type, resources, True, spot_price
+            )
         )
 
     return offers

@@ -69,6 +69,10 @@ class SshError(BackendError):
         super().__init__(f"{action} {address} failed: {reason}")
 
 
+class SshCommandError(SshError):
+    """A command on an SSH host ran and exited with a status other than 0."""
+
+
 class SshTarget(msgspec.Struct, frozen=True):
     """How to reach a host: user, host, port and the private key's path.
 
@@ -230,8 +234,9 @@ async def run_command(
     environment values off the remote command line.
 
     Raises:
-        SshError: the command timed out, the connection broke, or the command
-            exited with a status other than 0 (its stderr is in the message).
+        SshCommandError: the command exited with a status other than 0 (its
+            stderr is in the message).
+        SshError: the command timed out or the connection broke.
     """
     asyncssh = _asyncssh()
     try:
@@ -247,7 +252,7 @@ async def run_command(
     stdout = _as_text(result.stdout)
     if result.exit_status != 0:
         stderr = _as_text(result.stderr).strip()[-500:]
-        raise SshError(
+        raise SshCommandError(
             address,
             "running a command on",
             f"exit status {result.exit_status}: {stderr or 'no error output'}",
@@ -381,7 +386,9 @@ class SshBackend:
         try:
             resources = parse_detection(output)
         except BackendError as exc:
-            raise SshError(target.address, "detecting the resources of", str(exc))
+            raise SshError(
+                target.address, "detecting the resources of", str(exc)
+            ) from exc
 
         return resources, key_text
 
@@ -389,7 +396,7 @@ class SshBackend:
         """Connect and run ``true`` within ``timeout`` seconds.
 
         Raises:
-            SshError: the host did not answer in time or the command failed.
+            SshError: the host did not respond in time or the command failed.
         """
         try:
             with anyio.fail_after(timeout):

@@ -5,7 +5,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from dstackd.core import Core
-from events.event_types import InstanceProvisioned, InstanceRequested, RunSubmitted, RunSpec
+from events.event_types import (
+    InstanceProvisioned,
+    InstanceRequested,
+    RunSpec,
+    RunSubmitted,
+)
 from events.log import EventLog
 from events.model import DAEMON_ACTOR, Offer, Resources
 from events.projection import State

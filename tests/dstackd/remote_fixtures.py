@@ -169,7 +169,9 @@ class MotoServer:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                connection = http.client.HTTPConnection(
+                    "127.0.0.1", self.port, timeout=1
+                )
                 connection.request("GET", "/moto-api/")
                 connection.getresponse().read()
                 return
@@ -177,7 +179,9 @@ class MotoServer:
                 time.sleep(0.1)
 
         self.stop()
-        raise AssertionError(f"moto_server did not answer within {START_TIMEOUT_SECONDS}s")
+        raise AssertionError(
+            f"moto_server did not answer within {START_TIMEOUT_SECONDS}s"
+        )
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -267,7 +271,9 @@ class FaultProxy:
     def _forward(
         self, request: BaseHTTPRequestHandler, body: bytes
     ) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+        connection = http.client.HTTPConnection(
+            "127.0.0.1", self.upstream_port, timeout=60
+        )
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
         connection.request("POST", request.path, body=body, headers=headers)
         response = connection.getresponse()

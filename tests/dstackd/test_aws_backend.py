@@ -92,9 +92,21 @@ class TestOffers:
         [
             ({"gpu": "A10G", "cpu": "4", "memory": "16GB"}, {"g5.xlarge"}, {False}),
             ({"gpu": "H100:8"}, {"p5.48xlarge"}, {False}),
-            ({"cpu": "2", "memory": "4GB", "spot_policy": "spot"}, {"t3.medium"}, {True}),
-            ({"cpu": "2", "memory": "4GB", "spot_policy": "auto"}, {"t3.medium"}, {True, False}),
-            ({"cpu": "2..", "memory": "8GB..", "max_price": "0.09"}, {"t3.large"}, {False}),
+            (
+                {"cpu": "2", "memory": "4GB", "spot_policy": "spot"},
+                {"t3.medium"},
+                {True},
+            ),
+            (
+                {"cpu": "2", "memory": "4GB", "spot_policy": "auto"},
+                {"t3.medium"},
+                {True, False},
+            ),
+            (
+                {"cpu": "2..", "memory": "8GB..", "max_price": "0.09"},
+                {"t3.large"},
+                {False},
+            ),
         ],
         ids=["gpu", "gpu-count", "spot", "auto", "max-price"],
     )
@@ -121,7 +133,9 @@ class TestOffers:
             moto_server.url, ssh_root, regions=("eu-west-1", "us-west-2")
         )
 
-        offers = await backend.list_offers(build_requirements(cpu="2..", memory="4GB.."))
+        offers = await backend.list_offers(
+            build_requirements(cpu="2..", memory="4GB..")
+        )
 
         prices = [offer.price for offer in offers]
         assert prices == sorted(prices)
@@ -147,7 +161,9 @@ class TestOffers:
     ) -> None:
         backend = make_backend(moto_server.url, ssh_root, instance_types=("m5.large",))
 
-        offers = await backend.list_offers(build_requirements(cpu="2..", memory="1GB.."))
+        offers = await backend.list_offers(
+            build_requirements(cpu="2..", memory="1GB..")
+        )
 
         assert [offer.instance_type for offer in offers] == ["m5.large"]
 
@@ -219,7 +235,9 @@ class TestTerminate:
         self, moto_server: MotoServer, ssh_root: Path
     ) -> None:
         backend = make_backend(moto_server.url, ssh_root)
-        provisioned = await backend.create("i-term0000001", await cheapest_offer(backend))
+        provisioned = await backend.create(
+            "i-term0000001", await cheapest_offer(backend)
+        )
 
         await backend.terminate("i-term0000001", provisioned.backend_data)
 
@@ -249,10 +267,10 @@ class TestTerminate:
     async def test_terminate_raises_until_ec2_confirms(
         self, moto_server: MotoServer, ssh_root: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        backend = make_backend(
-            moto_server.url, ssh_root, terminate_timeout_seconds=0.3
+        backend = make_backend(moto_server.url, ssh_root, terminate_timeout_seconds=0.3)
+        provisioned = await backend.create(
+            "i-slow0000001", await cheapest_offer(backend)
         )
-        provisioned = await backend.create("i-slow0000001", await cheapest_offer(backend))
 
         async def shutting_down(region: str, ec2_ids: list[str]) -> list[Ec2Instance]:
             return [
@@ -286,7 +304,9 @@ class TestTerminationRetries:
 
         async with opened_core(log_path) as core:
             view = instance_view(core.state, core.state.instances["i-retry000001"], 0)
-            restored_attempts = core.state.instances["i-retry000001"].termination_attempts
+            restored_attempts = core.state.instances[
+                "i-retry000001"
+            ].termination_attempts
             recorded: list[Record] = []
             core.subscribe(recorded.extend)
             reaper = IdleReaper(core, {"aws": backend})
@@ -294,7 +314,9 @@ class TestTerminationRetries:
                 await reaper.terminate("i-retry000001")
 
         attempts = [
-            r.event.attempt for r in recorded if isinstance(r.event, InstanceTerminationFailed)
+            r.event.attempt
+            for r in recorded
+            if isinstance(r.event, InstanceTerminationFailed)
         ]
         assert failures == [1, 2]
         assert status == "terminating"
@@ -346,7 +368,12 @@ async def provision_and_remove(
     stream = f"instance/{instance_id}"
     async with core.lock:
         await core.commit(
-            [NewEvent(stream, InstanceRequested(instance_id, "aws-1", "gpus", offer, "off"))],
+            [
+                NewEvent(
+                    stream,
+                    InstanceRequested(instance_id, "aws-1", "gpus", offer, "off"),
+                )
+            ],
             DAEMON_ACTOR,
         )
 
@@ -391,4 +418,3 @@ async def terminate_until_failures(
         task_group.cancel_scope.cancel()
 
     return failures
-

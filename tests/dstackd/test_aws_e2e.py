@@ -64,7 +64,9 @@ def types_of(daemon: DaemonProcess) -> list[str]:
 def test_offers_add_and_confirmed_removal(
     aws_daemon: DaemonProcess, moto_server: MotoServer
 ) -> None:
-    offers = aws_daemon.ctl_ok("offer", "--backend", "aws", "--cpu", "2", "--memory", "4GB")
+    offers = aws_daemon.ctl_ok(
+        "offer", "--backend", "aws", "--cpu", "2", "--memory", "4GB"
+    )
     added = aws_daemon.ctl_ok(*ADD_AWS)
     instance = aws_daemon.ctl_json("pool", "ps")[0]
     launched = tagged_instances(moto_server, instance["id"])
@@ -81,7 +83,10 @@ def test_offers_add_and_confirmed_removal(
     assert instance["status"] == "idle"
     assert len(launched) == 1
     assert tags[TAG_POOL] == "default-pool"
-    assert tagged_instances(moto_server, instance["id"])[0]["State"]["Name"] == "terminated"
+    assert (
+        tagged_instances(moto_server, instance["id"])[0]["State"]["Name"]
+        == "terminated"
+    )
     assert aws_daemon.ctl_json("pool", "ps") == []
 
 
@@ -98,10 +103,16 @@ def test_failing_terminations_show_in_pool_ps_until_confirmed(
     aws_daemon.wait_for_event("InstanceTerminated", instance_id=instance["id"])
 
     types = types_of(aws_daemon)
-    assert "terminating (1 failed attempt)" in table or "terminating (2 failed attempts)" in table
+    assert (
+        "terminating (1 failed attempt)" in table
+        or "terminating (2 failed attempts)" in table
+    )
     assert types.count("InstanceTerminationFailed") == 2
     assert types.index("InstanceTerminated") > types.index("InstanceTerminationFailed")
-    assert tagged_instances(moto_server, instance["id"])[0]["State"]["Name"] == "terminated"
+    assert (
+        tagged_instances(moto_server, instance["id"])[0]["State"]["Name"]
+        == "terminated"
+    )
 
 
 def test_daemon_killed_after_run_instances_adopts_on_restart(

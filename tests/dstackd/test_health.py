@@ -28,8 +28,13 @@ def probe_run() -> Run:
     requirements = Requirements(cpu=Range(1, None), memory=Range(1, None))
     spec = RunSpec(argv=("true",), requirements=requirements)
     return Run(
-        id="r-probe", name="probe", pool="default-pool", spec=spec, user="",
-        uid=None, submitted_at=0,
+        id="r-probe",
+        name="probe",
+        pool="default-pool",
+        spec=spec,
+        user="",
+        uid=None,
+        submitted_at=0,
     )
 
 
@@ -37,7 +42,9 @@ async def test_hanging_host_does_not_delay_other_hosts(
     ssh_server: SshServer, hanging_server: HangingServer, ssh_root: Path
 ) -> None:
     async with open_core(ssh_root) as core:
-        await record_instance(core, "i-good", backend="ssh", backend_data=ssh_server.backend_data())
+        await record_instance(
+            core, "i-good", backend="ssh", backend_data=ssh_server.backend_data()
+        )
         await record_instance(
             core,
             "i-hangs",
@@ -46,12 +53,19 @@ async def test_hanging_host_does_not_delay_other_hosts(
         )
         async with core.lock:
             await core.commit(
-                [NewEvent("instance/i-good", InstanceUnreachable("i-good", "earlier outage"))],
+                [
+                    NewEvent(
+                        "instance/i-good",
+                        InstanceUnreachable("i-good", "earlier outage"),
+                    )
+                ],
                 DAEMON_ACTOR,
             )
 
         recorded: list[tuple[float, Record]] = []
-        core.subscribe(lambda records: recorded.extend((time.monotonic(), r) for r in records))
+        core.subscribe(
+            lambda records: recorded.extend((time.monotonic(), r) for r in records)
+        )
         checker = HealthChecker(
             core, SshBackend(), interval=60, timeout=TIMEOUT_SECONDS
         )
@@ -71,9 +85,13 @@ async def test_hanging_host_does_not_delay_other_hosts(
         assert elapsed < TIMEOUT_SECONDS + 1
 
 
-async def test_host_comes_back_after_outage(ssh_server: SshServer, ssh_root: Path) -> None:
+async def test_host_comes_back_after_outage(
+    ssh_server: SshServer, ssh_root: Path
+) -> None:
     async with open_core(ssh_root) as core:
-        await record_instance(core, "i-host", backend="ssh", backend_data=ssh_server.backend_data())
+        await record_instance(
+            core, "i-host", backend="ssh", backend_data=ssh_server.backend_data()
+        )
         checker = HealthChecker(core, SshBackend(), interval=60, timeout=1)
         recorded: list[Record] = []
         core.subscribe(recorded.extend)
@@ -100,7 +118,11 @@ async def test_placement_skips_unreachable_instance(ssh_root: Path) -> None:
         await record_instance(core, "i-host", backend="ssh", backend_data={})
         async with core.lock:
             await core.commit(
-                [NewEvent("instance/i-host", InstanceUnreachable("i-host", "timed out"))],
+                [
+                    NewEvent(
+                        "instance/i-host", InstanceUnreachable("i-host", "timed out")
+                    )
+                ],
                 DAEMON_ACTOR,
             )
 

@@ -46,7 +46,9 @@ def make_backend(endpoint_url: str, key_dir: Path) -> AwsBackend:
         running_timeout_seconds=10,
         terminate_timeout_seconds=2,
     )
-    return AwsBackend(config, daemon_id="d-" + uuid.uuid4().hex[:12], key_dir=str(key_dir))
+    return AwsBackend(
+        config, daemon_id="d-" + uuid.uuid4().hex[:12], key_dir=str(key_dir)
+    )
 
 
 def make_reconciler(core: Core, backend: AwsBackend, now: float) -> Reconciler:
@@ -64,7 +66,9 @@ def ec2_client(moto: MotoServer) -> Any:
     return boto3.client("ec2", region_name="us-east-1", endpoint_url=moto.url)
 
 
-def launch_tagged(moto: MotoServer, daemon_id: str, instance_id: str) -> tuple[str, float]:
+def launch_tagged(
+    moto: MotoServer, daemon_id: str, instance_id: str
+) -> tuple[str, float]:
     """Launch an instance with this daemon's tags behind its back."""
     ec2 = ec2_client(moto)
     image = ec2.describe_images(Owners=["099720109477"])["Images"][0]["ImageId"]
@@ -112,8 +116,12 @@ async def test_intent_without_record_is_adopted_not_duplicated(
             )
 
         # The daemon died after RunInstances: the instance exists, no record says so.
-        ec2_id, launched_at = launch_tagged(moto_server, backend.daemon_id, "i-intent000001")
-        report = await make_reconciler(core, backend, launched_at + ORPHAN_GRACE * 2).reconcile_once()
+        ec2_id, launched_at = launch_tagged(
+            moto_server, backend.daemon_id, "i-intent000001"
+        )
+        report = await make_reconciler(
+            core, backend, launched_at + ORPHAN_GRACE * 2
+        ).reconcile_once()
         provisioned = await backend.create("i-intent000001", offer)
 
     assert report.orphans_terminated == []
@@ -160,7 +168,9 @@ async def test_instance_of_failed_record_is_terminated(
 ) -> None:
     backend = make_backend(moto_server.url, ssh_root)
     async with open_core(ssh_root) as core:
-        await record_instance(core, "i-failed00001", backend="aws", backend_data={}, provisioned=False)
+        await record_instance(
+            core, "i-failed00001", backend="aws", backend_data={}, provisioned=False
+        )
         async with core.lock:
             await core.commit(
                 [
@@ -172,7 +182,9 @@ async def test_instance_of_failed_record_is_terminated(
                 DAEMON_ACTOR,
             )
 
-        ec2_id, launched_at = launch_tagged(moto_server, backend.daemon_id, "i-failed00001")
+        ec2_id, launched_at = launch_tagged(
+            moto_server, backend.daemon_id, "i-failed00001"
+        )
         report = await make_reconciler(core, backend, launched_at).reconcile_once()
 
     assert report.leftovers_terminated == [ec2_id]
@@ -197,7 +209,8 @@ async def test_instance_gone_from_ec2_is_lost_and_fails_its_run(
                         InstanceClaimed("i-lost0000001", "r-onlost00001"),
                     ),
                     NewEvent(
-                        "run/r-onlost00001", RunStarted("r-onlost00001", "i-lost0000001")
+                        "run/r-onlost00001",
+                        RunStarted("r-onlost00001", "i-lost0000001"),
                     ),
                 ],
                 DAEMON_ACTOR,
@@ -232,9 +245,13 @@ async def test_fresh_instance_not_listed_yet_is_not_lost(
     data = {"ec2_instance_id": "i-0aaaaaaaaaaaaaaaa", "region": "us-east-1"}
     async with open_core(ssh_root) as core:
         await record_instance(core, "i-fresh000001", backend="aws", backend_data=data)
-        provisioned_at = (core.state.instances["i-fresh000001"].provisioned_at or 0) / 1e6
+        provisioned_at = (
+            core.state.instances["i-fresh000001"].provisioned_at or 0
+        ) / 1e6
 
-        fresh = await make_reconciler(core, backend, provisioned_at + 5).reconcile_once()
+        fresh = await make_reconciler(
+            core, backend, provisioned_at + 5
+        ).reconcile_once()
         status_when_fresh = core.state.instances["i-fresh000001"].status
         stale = await make_reconciler(
             core, backend, provisioned_at + LOST_GRACE + 1

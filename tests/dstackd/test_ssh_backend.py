@@ -45,8 +45,17 @@ def test_parse_ssh_target_accepts(text: str, user: str, host: str, port: int) ->
 
 @pytest.mark.parametrize(
     "text",
-    ["host", "@host", "user@", "user@host:", "user@host:70000", "user@host:0",
-     "user@::1", "user@ho st", "user@host:22:22"],
+    [
+        "host",
+        "@host",
+        "user@",
+        "user@host:",
+        "user@host:70000",
+        "user@host:0",
+        "user@::1",
+        "user@ho st",
+        "user@host:22:22",
+    ],
 )
 def test_parse_ssh_target_rejects(text: str) -> None:
     with pytest.raises(InvalidValueError, match="ssh"):

@@ -80,7 +80,9 @@ def test_task_runs_twice_on_the_same_host(
 ) -> None:
     add_host(ssh_daemon, ssh_server)
 
-    first = ssh_daemon.ctl(*RUN_ON_SSH, "--name", "first", "--", "sh", "-c", 'echo "home=$HOME"; exit 3')
+    first = ssh_daemon.ctl(
+        *RUN_ON_SSH, "--name", "first", "--", "sh", "-c", 'echo "home=$HOME"; exit 3'
+    )
     second = ssh_daemon.ctl(*RUN_ON_SSH, "--name", "second", "--", "echo", "again")
 
     claims = events_of(ssh_daemon, "InstanceClaimed")
@@ -114,8 +116,14 @@ def test_same_host_cannot_join_two_pools(
     ssh_daemon.ctl_ok("pool", "create", "other")
 
     result = ssh_daemon.ctl(
-        "pool", "add", "--pool", "other", "--ssh", ssh_server.address,
-        "-i", str(ssh_server.key_path),
+        "pool",
+        "add",
+        "--pool",
+        "other",
+        "--ssh",
+        ssh_server.address,
+        "-i",
+        str(ssh_server.key_path),
     )
 
     assert result.returncode == 1
@@ -128,8 +136,12 @@ def test_host_hanging_at_connect_fails_pool_add(
     started = time.monotonic()
 
     result = ssh_daemon.ctl(
-        "pool", "add", "--ssh", f"nobody@127.0.0.1:{hanging_server.port}",
-        "-i", str(ssh_server.key_path),
+        "pool",
+        "add",
+        "--ssh",
+        f"nobody@127.0.0.1:{hanging_server.port}",
+        "-i",
+        str(ssh_server.key_path),
     )
 
     assert result.returncode == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dstackd.runner import RunLaunch, RunLostError
+from dstackd.runner import RunLaunch, RunLostError, RunStartError
 from dstackd.ssh_runner import SshRunHandle, SshRunner
 from tests.dstackd.remote_fixtures import (  # noqa: F401 (fixtures)
     SshServer,
@@ -55,7 +55,9 @@ class TestOutcome:
         self, ssh_server: SshServer, ssh_root: Path
     ) -> None:
         runner = SshRunner()
-        run = launch(ssh_server, ssh_root, commands=["echo hello", "echo oops >&2", "exit 3"])
+        run = launch(
+            ssh_server, ssh_root, commands=["echo hello", "echo oops >&2", "exit 3"]
+        )
 
         handle = await runner.start(run)
         with anyio.fail_after(WAIT_SECONDS):
@@ -82,7 +84,9 @@ class TestOutcome:
     ) -> None:
         runner = SshRunner()
         secret = "s3cret 'quoted' $value"
-        run = launch(ssh_server, ssh_root, commands=['echo "$TOKEN"'], env={"TOKEN": secret})
+        run = launch(
+            ssh_server, ssh_root, commands=['echo "$TOKEN"'], env={"TOKEN": secret}
+        )
 
         handle = await runner.start(run)
         with anyio.fail_after(WAIT_SECONDS):
@@ -141,7 +145,9 @@ class TestStop:
         run = launch(
             ssh_server,
             ssh_root,
-            commands=[f"trap '' TERM; echo 1 > {ready}; while true; do sleep 0.1; done"],
+            commands=[
+                f"trap '' TERM; echo 1 > {ready}; while true; do sleep 0.1; done"
+            ],
         )
         handle = await runner.start(run)
         await wait_for_file(ready)
@@ -163,7 +169,12 @@ class TestRestart:
         run = launch(
             ssh_server,
             ssh_root,
-            commands=["echo before", f"while [ ! -e {go} ]; do sleep 0.05; done", "echo after", "exit 7"],
+            commands=[
+                "echo before",
+                f"while [ ! -e {go} ]; do sleep 0.05; done",
+                "echo after",
+                "exit 7",
+            ],
         )
         first = await SshRunner().start(run)
 
@@ -199,7 +210,9 @@ class TestRestart:
         self, ssh_server: SshServer, ssh_root: Path
     ) -> None:
         counter = ssh_root / "count"
-        run = launch(ssh_server, ssh_root, commands=[f"echo x >> {counter}", "sleep 0.3"])
+        run = launch(
+            ssh_server, ssh_root, commands=[f"echo x >> {counter}", "sleep 0.3"]
+        )
         runner = SshRunner()
 
         first = await runner.start(run)
@@ -220,7 +233,12 @@ class TestUnreachableHost:
         run = launch(
             ssh_server,
             ssh_root,
-            commands=["echo start", f"while [ ! -e {go} ]; do sleep 0.05; done", "echo end", "exit 4"],
+            commands=[
+                "echo start",
+                f"while [ ! -e {go} ]; do sleep 0.05; done",
+                "echo end",
+                "exit 4",
+            ],
         )
         handle = await runner.start(run)
         statuses: list[int] = []
@@ -237,7 +255,9 @@ class TestUnreachableHost:
                 # Three missed keepalives and a failed reconnect at least.
                 await anyio.sleep(2.5)
                 go.touch()
-                await wait_for_file(ssh_server.remote_run_dir(run.run_id) / "exit_status")
+                await wait_for_file(
+                    ssh_server.remote_run_dir(run.run_id) / "exit_status"
+                )
                 assert statuses == []
             finally:
                 ssh_server.resume()
@@ -280,3 +300,40 @@ class TestUnreachableHost:
         finally:
             ssh_server.resume()
 
+    async def test_start_retries_until_host_answers(
+        self, ssh_server: SshServer, ssh_root: Path
+    ) -> None:
+        runner = SshRunner(connect_timeout=0.5, start_retry_seconds=20)
+        run = launch(ssh_server, ssh_root, commands=["echo late"])
+        ssh_server.pause()
+        handles: list[SshRunHandle] = []
+
+        async with anyio.create_task_group() as task_group:
+
+            async def start() -> None:
+                handles.append(await runner.start(run))
+
+            task_group.start_soon(start)
+            await anyio.sleep(1.5)
+            started_while_paused = bool(handles)
+            ssh_server.resume()
+
+        with anyio.fail_after(WAIT_SECONDS):
+            status = await runner.wait(handles[0])
+
+        assert started_while_paused is False
+        assert status == 0
+        assert Path(handles[0].log_path).read_text() == "late\n"
+
+    async def test_start_gives_up_after_retry_period(
+        self, ssh_server: SshServer, ssh_root: Path
+    ) -> None:
+        runner = SshRunner(connect_timeout=0.3, start_retry_seconds=1)
+        run = launch(ssh_server, ssh_root, commands=["true"])
+        ssh_server.pause()
+        try:
+            with anyio.fail_after(WAIT_SECONDS):
+                with pytest.raises(RunStartError, match="timed out"):
+                    await runner.start(run)
+        finally:
+            ssh_server.resume()
