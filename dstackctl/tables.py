@@ -339,7 +339,7 @@ def event_line(record: JsonObject, tz: tzinfo | None = None) -> str:
     fields = [
         f"{record['position']:>6}",
         format_local_time(record["recorded_at"], tz=tz),
-        f"{record['stream']:<20}",
+        f"{record['stream']:<24}",
         f"{record['type']:<28}",
         f"{record['actor']:<10}",
         summary,
