@@ -285,6 +285,70 @@ class TestGroupCommit:
         assert (await log.verify()).ok
 
 
+class TestCancellation:
+    """Appends cancelled while a commit waits for SQLite's write lock, which a
+    second connection holds until the test releases it."""
+
+    async def test_cancelled_queued_append_writes_nothing(
+        self, log: EventLog, log_path: str
+    ) -> None:
+        blocker = sqlite3.connect(log_path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        queued_scope = anyio.CancelScope()
+        outcomes: list[str] = []
+
+        async def append_queued() -> None:
+            with queued_scope:
+                await log.append([pool_event("queued")], ALICE)
+                outcomes.append("queued committed")
+
+            outcomes.append("queued returned")
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(log.append, [pool_event("leader")], ALICE)
+                await anyio.wait_all_tasks_blocked()
+                group.start_soon(append_queued)
+                await anyio.wait_all_tasks_blocked()
+                queued_scope.cancel()
+                await anyio.wait_all_tasks_blocked()
+                blocker.execute("ROLLBACK")
+
+        blocker.close()
+        assert outcomes == ["queued returned"]
+        assert [record.stream for record in await read_all(log)] == ["pool/leader"]
+
+        with anyio.fail_after(5):
+            records = await log.append([pool_event("after")], ALICE)
+
+        assert records[0].position == 2
+
+    async def test_cancelled_leader_still_commits_its_group(
+        self, log: EventLog, log_path: str
+    ) -> None:
+        blocker = sqlite3.connect(log_path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        leader_scope = anyio.CancelScope()
+
+        async def append_leader() -> None:
+            with leader_scope:
+                await log.append([pool_event("leader")], ALICE)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(append_leader)
+                await anyio.wait_all_tasks_blocked()
+                group.start_soon(log.append, [pool_event("queued")], ALICE)
+                await anyio.wait_all_tasks_blocked()
+                leader_scope.cancel()
+                blocker.execute("ROLLBACK")
+
+        blocker.close()
+        streams = [record.stream for record in await read_all(log)]
+        assert streams == ["pool/leader", "pool/queued"]
+        assert (await log.verify()).ok
+
+
 class TestLargeGroups:
     async def test_large_batch_spans_several_statements(self, log: EventLog) -> None:
         batch = [pool_event(f"p{index}", 0) for index in range(2500)]
@@ -294,6 +358,10 @@ class TestLargeGroups:
         assert [record.position for record in records] == list(range(1, 2501))
         assert log.commit_count == 1
         assert len(await read_all(log)) == 2500
+        assert await read_all(log, after=1000) == records[1000:]
+        assert [r.position async for r in log.read(verify=True)] == list(
+            range(1, 2501)
+        )
         assert (await log.verify()).ok
 
     async def test_failure_late_in_large_batch_writes_nothing(

@@ -174,6 +174,33 @@ class TestRecords:
         assert offline.bad_position == 4
         assert offline.count == 3
 
+    @pytest.mark.parametrize("bad_position", [1, 512, 513, 700, 1100])
+    async def test_bad_record_found_across_chunks(
+        self, log_dir: Path, bad_position: int
+    ) -> None:
+        path = str(log_dir / "events.db")
+        async with await EventLog.open(path) as log:
+            batch = [pool_event(f"p{index}") for index in range(1100)]
+            await log.append(batch, DAEMON_ACTOR)
+
+        flip_byte(path, bad_position)
+
+        with LogReader.open(path) as reader:
+            seen = 0
+            with pytest.raises(LogCorruptedError) as raised:
+                for _ in reader.records():
+                    seen += 1
+
+            result = reader.verify()
+            with pytest.raises(LogCorruptedError) as raised_with_hashes:
+                list(reader.records_with_hashes())
+
+        assert seen == bad_position - 1
+        assert raised.value.position == bad_position
+        assert result.bad_position == bad_position
+        assert result.count == bad_position - 1
+        assert raised_with_hashes.value.position == bad_position
+
     async def test_empty_log(self, log_dir: Path) -> None:
         path = str(log_dir / "events.db")
         await write_log(path, 0)
