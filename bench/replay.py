@@ -111,9 +111,7 @@ def generate(count: int, seed: int = 7) -> Iterator[tuple[str, Event, Actor]]:
             requirements=Requirements(),
         )
         run_stream = f"run/{run_id}"
-        submitted = RunSubmitted(
-            run_id, f"job-{runs}", pool, spec, user.name, user.uid
-        )
+        submitted = RunSubmitted(run_id, f"job-{runs}", pool, spec, user.name, user.uid)
         batch.append((run_stream, submitted, user))
         if idle[pool] and rng.random() < 0.8:
             instance_id = idle[pool].pop()

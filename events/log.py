@@ -52,8 +52,14 @@ from events.log_reader import (
     verify_connection,
 )
 from events.model import Actor
-from events.record import GENESIS_HASH, NewEvent, Record, decode_body, encode_body
-from events.record import chain_hash
+from events.record import (
+    GENESIS_HASH,
+    NewEvent,
+    Record,
+    chain_hash,
+    decode_body,
+    encode_body,
+)
 
 logger = structlog.get_logger(__name__)
 
@@ -136,7 +142,7 @@ class _Request:
     about 10% in bench/append.py.
     """
 
-    __slots__ = ("waiter", "state", "error")
+    __slots__ = ("error", "state", "waiter")
 
     def __init__(self) -> None:
         self.waiter: asyncio.Future[None] | None = None
@@ -150,7 +156,7 @@ class _Request:
 
 
 class _Append(_Request):
-    __slots__ = ("entries", "actor", "records")
+    __slots__ = ("actor", "entries", "records")
 
     def __init__(self, entries: tuple[NewEvent, ...], actor: Actor) -> None:
         super().__init__()
@@ -160,7 +166,7 @@ class _Append(_Request):
 
 
 class _SnapshotWrite(_Request):
-    __slots__ = ("position", "record_hash", "data", "state_hash", "keep")
+    __slots__ = ("data", "keep", "position", "record_hash", "state_hash")
 
     def __init__(
         self,
@@ -534,7 +540,9 @@ class EventLog:
             if rows or snapshots:
                 await self._write(rows, snapshots)
                 self._publish(builder, recorded_at, snapshots)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
+            # Any failure must end in failed appends, never in waiters that
+            # nobody wakes.
             await self._fail_group(group, exc)
         finally:
             for request in group:
@@ -856,9 +864,7 @@ class _GroupBuilder:
         self.versions: dict[str, int] = {}
         self._committed_versions = committed_versions
 
-    def build(
-        self, appends: list[_Append], recorded_at: int
-    ) -> list[Row]:
+    def build(self, appends: list[_Append], recorded_at: int) -> list[Row]:
         rows: list[Row] = []
         for request in appends:
             try:

@@ -24,9 +24,7 @@ RESOURCES = Resources(cpus=4, memory_gb=16.0, disk_gb=100.0)
 OFFER = Offer("local", "local", "cpu-4", RESOURCES, price=0.25)
 
 
-def story(
-    runs: int, *, seed: int = 0, chapter: str = "a"
-) -> Iterator[list[NewEvent]]:
+def story(runs: int, *, seed: int = 0, chapter: str = "a") -> Iterator[list[NewEvent]]:
     """Yield batches that tell a valid story for the projection.
 
     There are two pools. Each run is submitted, placed on an idle instance or

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -359,9 +360,7 @@ class TestLargeGroups:
         assert log.commit_count == 1
         assert len(await read_all(log)) == 2500
         assert await read_all(log, after=1000) == records[1000:]
-        assert [r.position async for r in log.read(verify=True)] == list(
-            range(1, 2501)
-        )
+        assert [r.position async for r in log.read(verify=True)] == list(range(1, 2501))
         assert (await log.verify()).ok
 
     async def test_failure_late_in_large_batch_writes_nothing(
@@ -540,9 +539,7 @@ class TestCorruption:
         assert problem in raised.value.problem
         assert "dstackd repair-log --data-dir" in str(raised.value)
 
-    async def test_open_rejects_non_database_file(
-        self, log_path: str
-    ) -> None:
+    async def test_open_rejects_non_database_file(self, log_path: str) -> None:
         Path(log_path).write_bytes(b"plain text, not SQLite" * 100)
 
         with pytest.raises(LogSchemaError, match="cannot use .* as an event log"):
@@ -550,9 +547,7 @@ class TestCorruption:
 
 
 class TestRepair:
-    async def test_repair_backs_up_and_cuts(
-        self, log_path: str
-    ) -> None:
+    async def test_repair_backs_up_and_cuts(self, log_path: str) -> None:
         async with await EventLog.open(log_path) as log:
             await append_pools(log, 6)
 
@@ -573,6 +568,29 @@ class TestRepair:
             records = await log.append([pool_event("after")], ALICE)
 
         assert records[0].position == 4
+
+    async def test_repair_backs_up_the_wal_too(
+        self, log_path: str, tmp_path: Path
+    ) -> None:
+        # A copy taken while the writer is open has a -wal, as after a crash,
+        # and here the damaged record is only in that -wal.
+        live_path = str(tmp_path / "live.db")
+        async with await EventLog.open(live_path) as log:
+            await append_pools(log, 5)
+            flip_byte(live_path, 4)
+            for suffix in ("", "-wal"):
+                shutil.copyfile(live_path + suffix, log_path + suffix)
+
+        result = await repair(log_path)
+
+        assert result.backup_path is not None
+        assert os.path.exists(result.backup_path + "-wal")
+        with LogReader.open(result.backup_path) as backup:
+            assert backup.verify().bad_position == 4
+
+        with LogReader.open(log_path) as reader:
+            assert reader.head()[0] == 3
+            assert reader.verify().ok
 
     async def test_repair_of_an_intact_log_changes_nothing(
         self, log_path: str, tmp_path: Path

@@ -129,10 +129,9 @@ class TestRecords:
         flip_byte(path, 3)
         seen: list[int] = []
 
-        with LogReader.open(path) as reader:
-            with pytest.raises(LogCorruptedError) as raised:
-                for record in reader.records():
-                    seen.append(record.position)
+        with LogReader.open(path) as reader, pytest.raises(LogCorruptedError) as raised:
+            for record in reader.records():
+                seen.append(record.position)
 
         assert seen == [1, 2]
         assert raised.value.position == 3
@@ -144,9 +143,8 @@ class TestRecords:
         await write_log(path, 5)
         execute(path, "DELETE FROM events WHERE position = 3")
 
-        with LogReader.open(path) as reader:
-            with pytest.raises(LogCorruptedError) as raised:
-                list(getattr(reader, method)())
+        with LogReader.open(path) as reader, pytest.raises(LogCorruptedError) as raised:
+            list(getattr(reader, method)())
 
         assert raised.value.position == 3
         assert "record is missing" in raised.value.problem
@@ -156,9 +154,11 @@ class TestRecords:
         await write_log(path, 5)
         execute(path, "DELETE FROM events WHERE position = 3")
 
-        with LogReader.open(path) as reader:
-            with pytest.raises(LogCorruptedError, match="at position 3"):
-                list(reader.records(after=3))
+        with (
+            LogReader.open(path) as reader,
+            pytest.raises(LogCorruptedError, match="at position 3"),
+        ):
+            list(reader.records(after=3))
 
     async def test_verify_matches_the_event_log(self, log_dir: Path) -> None:
         path = str(log_dir / "events.db")

@@ -250,9 +250,7 @@ class TestOfflineLoad:
 
 
 class TestOpenWithSnapshot:
-    async def test_open_verifies_after_newest_snapshot(
-        self, log_path: str
-    ) -> None:
+    async def test_open_verifies_after_newest_snapshot(self, log_path: str) -> None:
         async with await EventLog.open(log_path) as log:
             await append_story(log, 10)
             await snapshot_at(log, 30)
