@@ -250,6 +250,10 @@ class EventLog:
         (or from the first record when there is none) to the head, so a torn
         or corrupt tail is found here rather than by a later replay.
 
+        NOTE: without a snapshot that means the whole log. In bench/replay.py
+        that took about 3 s for 1,000,000 records, against 5 to 80 ms with a
+        snapshot at the head.
+
         Args:
             synchronous: SQLite's ``synchronous`` level. ``FULL`` makes an
                 acknowledged append survive power loss.
