@@ -174,3 +174,40 @@ def test_unreachable_host_gets_no_runs_until_it_answers(
     assert "unreachable" in refused.stderr
     assert accepted.returncode == 0
     assert accepted.stdout == "back\n"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--ssh", "{host}", "--ssh", "{host}"), "is given twice"),
+        (
+            ("--ssh", "{host}", "--ssh", "other@127.0.0.1:1", "--name", "box"),
+            "a name applies to one host",
+        ),
+        (("--ssh", "no-user-here"), "invalid ssh host 'no-user-here'"),
+        (("--ssh", "{host}", "--idle-duration", "soon"), "invalid idle duration"),
+    ],
+    ids=["twice", "name-for-two", "no-user", "idle-duration"],
+)
+def test_invalid_pool_add_ssh_is_rejected(
+    ssh_daemon: DaemonProcess,
+    ssh_server: SshServer,
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    filled = [arg.format(host=ssh_server.address) for arg in args]
+
+    result = ssh_daemon.ctl("pool", "add", *filled, "-i", str(ssh_server.key_path))
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert ssh_daemon.ctl_json("pool", "ps") == []
+
+
+def test_identity_file_without_ssh_is_a_usage_error(
+    ssh_daemon: DaemonProcess, ssh_server: SshServer
+) -> None:
+    result = ssh_daemon.ctl("pool", "add", "-y", "-i", str(ssh_server.key_path))
+
+    assert result.returncode == 2
+    assert "applies only with --ssh" in result.stderr
