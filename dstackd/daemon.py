@@ -115,6 +115,9 @@ class Daemon:
 
     async def _run_parts(self, core: Core, listening: socket.socket | None) -> None:
         backends = self._backends()
+        if "aws" in backends:
+            _label_aws_instances(backends["aws"], core)
+
         run_files = RunFiles(Path(self.paths.runs_dir))
         runner = await LocalRunner.start_spawner()
         ssh = self.config.ssh
@@ -279,11 +282,10 @@ class Daemon:
 
     async def _reconcile(self, core: Core, backend: Backend) -> None:
         """Reconcile the log with EC2 now and every interval; see ``reconcile``."""
-        from dstackd.backends.aws import AwsBackend, instance_labels
+        from dstackd.backends.aws import AwsBackend
         from dstackd.reconcile import Reconciler
 
         assert isinstance(backend, AwsBackend) and self.config.aws is not None
-        backend.labels = lambda instance_id: instance_labels(core.state, instance_id)
         aws = self.config.aws
         reconciler = Reconciler(
             core,
@@ -322,6 +324,14 @@ def _remove_socket(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _label_aws_instances(backend: Backend, core: Core) -> None:
+    """Let the AWS backend tag instances with their pool and name from the state."""
+    from dstackd.backends.aws import AwsBackend, instance_labels
+
+    assert isinstance(backend, AwsBackend)
+    backend.labels = lambda instance_id: instance_labels(core.state, instance_id)
 
 
 def _group_id(group: str | int) -> int:
