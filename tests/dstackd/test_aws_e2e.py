@@ -3,6 +3,7 @@ server on 127.0.0.1 (through a fault proxy where a test injects faults)."""
 
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import boto3
 import pytest
 
-from dstackd.backends.aws import TAG_INSTANCE_ID, TAG_POOL
+from dstackd.backends.aws import TAG_DAEMON_ID, TAG_INSTANCE_ID, TAG_POOL
 from tests.conftest import BIN, DaemonProcess
 from tests.dstackd.remote_fixtures import (  # noqa: F401 (fixtures)
     FaultProxy,
@@ -33,7 +34,8 @@ endpoint_url = "{endpoint_url}"
 poll_interval_seconds = 0.1
 running_timeout_seconds = 20
 terminate_timeout_seconds = 5
-reconcile_interval_seconds = 1
+reconcile_interval_seconds = 0.5
+orphan_grace_seconds = 0
 """
 
 ADD_AWS = ("pool", "add", "--backend", "aws", "--cpu", "2", "--memory", "4GB", "-y")
@@ -144,3 +146,36 @@ def test_daemon_killed_after_run_instances_adopts_on_restart(
     assert len(launched) == 1
     assert launched[0]["State"]["Name"] == "running"
     assert [i["status"] for i in aws_daemon.ctl_json("pool", "ps")] == ["idle"]
+
+
+def test_reconciliation_terminates_an_orphan(
+    aws_daemon: DaemonProcess, moto_server: MotoServer
+) -> None:
+    daemon_id = (aws_daemon.data_dir / "daemon_id").read_text().strip()
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_server.url)
+    image = ec2.describe_images(Owners=["099720109477"])["Images"][0]["ImageId"]
+    tags = [
+        {"Key": TAG_DAEMON_ID, "Value": daemon_id},
+        {"Key": TAG_INSTANCE_ID, "Value": "i-norecord0001"},
+    ]
+
+    ec2.run_instances(
+        ImageId=image,
+        InstanceType="t3.medium",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )
+
+    deadline = time.monotonic() + 20
+    states = [
+        i["State"]["Name"] for i in tagged_instances(moto_server, "i-norecord0001")
+    ]
+    while states != ["terminated"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        states = [
+            i["State"]["Name"] for i in tagged_instances(moto_server, "i-norecord0001")
+        ]
+
+    assert states == ["terminated"]
+    assert "untracked_instances_terminating" in aws_daemon.log_text()
