@@ -41,6 +41,7 @@ from events.event_types import InstanceTerminationRequested
 from events.grammar import parse_size
 from events.log import EventLog
 from events.model import DAEMON_ACTOR, Gpu
+from events.projection import ACTIVE_RUN_STATUSES
 from events.record import NewEvent, Record
 from events.snapshot import load_state, save_snapshot
 
@@ -125,6 +126,7 @@ class Daemon:
             connect_timeout=ssh.connect_timeout_seconds,
             keepalive_interval=ssh.keepalive_interval_seconds,
             lost_after_seconds=ssh.lost_after_seconds,
+            is_active=partial(_run_is_active, core),
         )
         scheduler = Scheduler(
             core,
@@ -324,6 +326,11 @@ def _remove_socket(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _run_is_active(core: Core, run_id: str) -> bool:
+    run = core.state.runs.get(run_id)
+    return run is not None and run.status in ACTIVE_RUN_STATUSES
 
 
 def _label_aws_instances(backend: Backend, core: Core) -> None:

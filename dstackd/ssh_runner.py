@@ -21,7 +21,7 @@ import base64
 import math
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import anyio
@@ -103,6 +103,8 @@ class SshRunner:
             does not answer before it gives the run up as lost.
         start_retry_seconds: how long ``start`` retries a host that cannot be
             reached before the run fails to start.
+        is_active: tells whether the log still has the run as active; ``wait``
+            stops reconnecting once it is not, e.g. after its instance was lost.
     """
 
     def __init__(
@@ -112,11 +114,13 @@ class SshRunner:
         keepalive_interval: float = 15.0,
         lost_after_seconds: float = 3600.0,
         start_retry_seconds: float = 120.0,
+        is_active: Callable[[str], bool] = lambda run_id: True,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
         self.lost_after_seconds = lost_after_seconds
         self.start_retry_seconds = start_retry_seconds
+        self.is_active = is_active
         self._abandoned: set[str] = set()
 
     async def start(self, launch: RunLaunch) -> SshRunHandle:
@@ -257,6 +261,13 @@ class SshRunner:
                         handle.run_id,
                         f"{handle.target.address} was unreachable for "
                         f"{self.lost_after_seconds:g}s: {exc.reason}",
+                    ) from exc
+
+                if not self.is_active(handle.run_id):
+                    raise RunLostError(
+                        handle.run_id,
+                        f"it ended in the log while {handle.target.address} was "
+                        f"unreachable: {exc.reason}",
                     ) from exc
 
                 log.warning(

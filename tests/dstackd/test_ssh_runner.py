@@ -337,3 +337,23 @@ class TestUnreachableHost:
                     await runner.start(run)
         finally:
             ssh_server.resume()
+
+    async def test_wait_stops_once_run_ended_in_log(
+        self, ssh_server: SshServer, ssh_root: Path
+    ) -> None:
+        ended: set[str] = set()
+        runner = SshRunner(
+            connect_timeout=0.3,
+            keepalive_interval=0.2,
+            is_active=lambda run_id: run_id not in ended,
+        )
+        run = launch(ssh_server, ssh_root, commands=["sleep 300"])
+        handle = await runner.start(run)
+        ssh_server.pause()
+        try:
+            ended.add(run.run_id)
+            with anyio.fail_after(WAIT_SECONDS):
+                with pytest.raises(RunLostError, match="ended in the log"):
+                    await runner.wait(handle)
+        finally:
+            ssh_server.resume()
