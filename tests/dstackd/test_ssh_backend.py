@@ -1,6 +1,7 @@
 """The SSH backend: target grammar, resource detection, host keys, timeouts."""
 
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -131,7 +132,7 @@ async def test_pinned_host_key_accepts_same_host(ssh_server: SshServer) -> None:
     await backend.check(SshTarget.from_backend_data(data), timeout=5)
 
 
-async def test_wrong_key_fails_login(ssh_server: SshServer, ssh_root) -> None:  # type: ignore[no-untyped-def]
+async def test_wrong_key_fails_login(ssh_server: SshServer, ssh_root: Path) -> None:
     import asyncssh
 
     stranger = ssh_root / "stranger_key"
