@@ -6,11 +6,13 @@ Steps, on a new file in a temporary directory:
    and a correct hash chain (``synchronous=OFF``, since this is only setup).
    The events create pools, request, provision, claim, release, expire and
    terminate instances, and submit, start and finish runs;
-2. replay it: ``LogReader.records_with_hashes(verify=True)`` folded through
-   ``events.projection.apply``, timed, and the same read without ``apply`` to
+2. replay it: ``LogReader.records(verify=True)`` folded through
+   ``events.projection.replay``, timed, and the same read without the fold to
    show how the time splits between reading and folding;
-3. save a snapshot at the head through ``EventLog`` and append a tail of
-   1,000 more events;
+3. save a snapshot at the head through ``EventLog`` (the first one, which
+   archives every ended run and instance), append a tail of 1,000 more
+   events while a second task appends too, and save a second snapshot
+   meanwhile, timing how long the appends waited for it;
 4. time what a daemon start costs: ``EventLog.open`` (which verifies the
    chain after the snapshot) plus ``load_state`` (snapshot plus tail).
 
@@ -29,6 +31,7 @@ import time
 from collections.abc import Iterator
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from events.event_types import (
@@ -49,6 +52,7 @@ from events.log import EventLog
 from events.log_reader import SCHEMA, LogReader
 from events.model import Actor, Gpu, Offer, Requirements, Resources
 from events.projection import State, apply, encode_state
+from events.projection import replay as fold
 from events.record import GENESIS_HASH, NewEvent, Record, chain_hash, encode_body
 from events.snapshot import load_state, paused_gc, save_snapshot
 
@@ -198,10 +202,11 @@ def replay(path: str, mode: str) -> tuple[State, float]:
     ``mode`` is one of:
 
     - ``read``: read and verify without folding.
-    - ``collected``: fold with the garbage collector running.
-    - ``paused``: fold inside ``paused_gc`` as ``load_state_offline`` does.
-      The timing includes the collection of new objects that the pause put
-      off.
+    - ``collected``: fold with ``apply`` per record and the garbage
+      collector running.
+    - ``paused``: fold with ``replay`` inside ``paused_gc`` as
+      ``load_state_offline`` does. The timing includes the collection of new
+      objects that the pause put off.
     """
     state = State()
     with LogReader.open(path) as reader:
@@ -215,8 +220,7 @@ def replay(path: str, mode: str) -> tuple[State, float]:
                 apply(state, record)
         else:
             with paused_gc():
-                for record in reader.records(verify=True):
-                    apply(state, record)
+                fold(reader.records(verify=True), state)
 
             gc.collect(0)
 
@@ -228,7 +232,12 @@ def replay(path: str, mode: str) -> tuple[State, float]:
 async def snapshot_and_tail(
     path: str, state: State, tail: Iterator[tuple[str, Event, Actor]]
 ) -> float:
-    """Save a snapshot of ``state``, append ``tail``; return the open time in s."""
+    """Save a snapshot of ``state``, append ``tail``; return the open time in s.
+
+    Halfway through the tail, a second snapshot is saved while another task
+    keeps appending, as the daemon's snapshot task does; the longest wait of
+    those appends is printed.
+    """
     started = time.perf_counter()
     log = await EventLog.open(path)
     open_seconds = time.perf_counter() - started
@@ -236,21 +245,67 @@ async def snapshot_and_tail(
         saving = time.perf_counter()
         await save_snapshot(log, state)
         print(
-            "save_snapshot (encode and commit; appends wait meanwhile): "
+            "first save_snapshot (archives all ended entries): "
             f"{(time.perf_counter() - saving) * 1000:.0f} ms"
         )
-        pending: list[NewEvent] = []
+        batches: list[list[NewEvent]] = [[]]
         for stream, event, _ in tail:
-            pending.append(NewEvent(stream, event))
-            if len(pending) == 100:
-                await log.append(pending, DAEMON)
-                pending = []
+            if len(batches[-1]) == 100:
+                batches.append([])
 
-        await log.append(pending, DAEMON)
+            batches[-1].append(NewEvent(stream, event))
+
+        half = len(batches) // 2
+        for batch in batches[:half]:
+            await append_and_fold(log, state, batch)
+
+        saved_ms, waits = await save_while_appending(log, state, batches[half:])
+        print(
+            f"second save_snapshot: {saved_ms:.0f} ms; appends meanwhile waited "
+            f"at most {max(waits, default=0.0):.0f} ms"
+        )
     finally:
         await log.close()
 
     return open_seconds
+
+
+async def append_and_fold(log: EventLog, state: State, batch: list[NewEvent]) -> float:
+    """Append ``batch``, fold it into ``state``; return the append's ms."""
+    started = time.perf_counter()
+    for record in await log.append(batch, DAEMON):
+        apply(state, record)
+
+    state.head_hash = log.head_hash
+
+    return (time.perf_counter() - started) * 1000
+
+
+async def save_while_appending(
+    log: EventLog, state: State, batches: list[list[NewEvent]]
+) -> tuple[float, list[float]]:
+    """Save a snapshot while another task appends ``batches`` one by one.
+
+    Returns the save's ms and the ms of each append that ran meanwhile.
+    """
+    waits: list[float] = []
+    saved = anyio.Event()
+
+    async def append_all() -> None:
+        for batch in batches:
+            wait_ms = await append_and_fold(log, state, batch)
+            if not saved.is_set():
+                waits.append(wait_ms)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(append_all)
+        await anyio.lowlevel.checkpoint()
+        started = time.perf_counter()
+        await save_snapshot(log, state)
+        saved_ms = (time.perf_counter() - started) * 1000
+        saved.set()
+
+    return saved_ms, waits
 
 
 async def open_with_snapshot(path: str) -> tuple[State, float, float]:
@@ -296,7 +351,7 @@ def main() -> None:
         )
         print(
             f"state: {len(state.runs)} runs, {len(state.instances)} instances, "
-            f"{len(encode_state(state)) / 1e6:.1f} MB encoded"
+            f"{len(encode_state(state)) / 1e6:.1f} MB encoded in full"
         )
 
         open_seconds = anyio.run(snapshot_and_tail, path, state, source)
@@ -307,7 +362,9 @@ def main() -> None:
         print(
             f"open with snapshot: EventLog.open {open_seconds * 1000:.0f} ms + "
             f"load_state {load_seconds * 1000:.0f} ms (tail {TAIL_EVENTS}) "
-            f"= {total_ms:.0f} ms; checkpoint {loaded.checkpoint}"
+            f"= {total_ms:.0f} ms; checkpoint {loaded.checkpoint}; "
+            f"{len(loaded.active_runs())} active runs and "
+            f"{len(loaded.live_instances())} live instances in memory"
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)

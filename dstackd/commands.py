@@ -108,9 +108,12 @@ class Commands:
         return name
 
     def find_instance(self, name: str, *, live_only: bool = True) -> Instance:
+        state = self.core.state
+        # Live instances are in memory; all of them means reading the archive.
+        candidates = state.live_instances() if live_only else state.instances.values()
         matches = [
             instance
-            for instance in self.core.state.instances.values()
+            for instance in candidates
             if name in (instance.name, instance.id)
             and (not live_only or instance.status in LIVE_INSTANCE_STATUSES)
         ]
@@ -124,9 +127,9 @@ class Commands:
         if name in state.runs:
             return state.runs[name]
 
-        for run in reversed(state.runs.values()):
-            if run.name == name:
-                return run
+        run = state.runs.last_named(name)
+        if run is not None:
+            return run
 
         raise NotFoundError("run", name, "list runs with 'dstackctl ps -a'")
 
@@ -166,11 +169,11 @@ class Commands:
             state = self.core.state
             live = [
                 i
-                for i in state.instances.values()
+                for i in state.live_instances()
                 if i.pool == name and i.status in LIVE_INSTANCE_STATUSES
             ]
             active = [
-                r for r in state.runs.values() if r.pool == name and r.status in ACTIVE_RUN_STATUSES
+                r for r in state.active_runs() if r.pool == name and r.status in ACTIVE_RUN_STATUSES
             ]
             if (live or active) and not force:
                 raise ConflictError(
@@ -246,7 +249,7 @@ class Commands:
             name = request.name or self.scheduler.next_instance_name(offer.backend)
             if any(
                 i.name == name and i.status in LIVE_INSTANCE_STATUSES
-                for i in self.core.state.instances.values()
+                for i in self.core.state.live_instances()
             ):
                 raise ConflictError(f"instance name {name!r} is taken; choose another --name")
 
@@ -356,7 +359,7 @@ class Commands:
             state = self.core.state
             if any(
                 r.name == name and r.status in ACTIVE_RUN_STATUSES
-                for r in state.runs.values()
+                for r in state.active_runs()
             ):
                 raise ConflictError(f"a run named {name!r} is still active; choose another --name")
 
@@ -401,7 +404,7 @@ class Commands:
         scheduler places every other run.
         """
         state = self.core.state
-        if any(run.status == "submitted" for run in state.runs.values()):
+        if any(run.status == "submitted" for run in state.active_runs()):
             return None
 
         probe = Run(

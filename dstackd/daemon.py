@@ -77,8 +77,8 @@ class Daemon:
             log.info(
                 "state_loaded",
                 position=state.checkpoint,
-                instances=len(state.instances),
-                runs=len(state.runs),
+                live_instances=len(state.live_instances()),
+                active_runs=len(state.active_runs()),
             )
             core = Core(event_log, state)
             await self._run_parts(core, listening)
@@ -226,14 +226,14 @@ class Daemon:
             backend.restore(
                 [
                     LiveInstance(i.id, i.offer, i.resources, i.backend_data)
-                    for i in state.instances.values()
+                    for i in state.live_instances()
                     if i.backend == name
                     and i.provisioned_at is not None
                     and i.status in ("idle", "busy", "terminating")
                 ]
             )
 
-        for instance in list(state.instances.values()):
+        for instance in state.live_instances():
             if instance.status == "provisioning":
                 scheduler.start_soon(scheduler.provision, instance.id)
             elif instance.status == "terminating":
@@ -254,7 +254,7 @@ class Daemon:
                         DAEMON_ACTOR,
                     )
 
-        for run in list(state.runs.values()):
+        for run in state.active_runs():
             if run.status == "running":
                 instance = state.instances.get(run.instance_id or "")
                 backend = "local" if instance is None else instance.backend
@@ -308,8 +308,9 @@ class Daemon:
             await self._snapshot_due.wait()
             self._snapshot_due = anyio.Event()
             self._records_since_snapshot = 0
-            async with core.lock:
-                await save_snapshot(core.log, core.state)
+            # No lock: save_snapshot encodes the state before its first await,
+            # so decisions and appends go on while the snapshot is written.
+            await save_snapshot(core.log, core.state)
 
             log.info("snapshot_saved", position=core.state.checkpoint)
 

@@ -58,7 +58,7 @@ class HealthChecker:
         """Return the live SSH instances that a check may mark (un)reachable."""
         return [
             instance
-            for instance in self.core.state.instances.values()
+            for instance in self.core.state.live_instances()
             if instance.backend == BACKEND_NAME
             and instance.status in CHECKED_STATUSES
             and instance.provisioned_at is not None

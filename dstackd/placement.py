@@ -87,7 +87,7 @@ def choose_instance(
     fitting: list[Instance] = []
     rejected: list[Candidate] = []
     busy_but_fitting = False
-    for instance in state.instances.values():
+    for instance in state.live_instances():
         if instance.pool != run.pool or instance.status in ("terminated", "failed"):
             continue
 

@@ -293,7 +293,9 @@ class RunLimits:
             await self._run_timers()
 
     async def _run_timers(self) -> None:
-        for run in list(self.core.state.runs.values()):
+        # Ended runs arm no timers, and reading only active ones keeps the
+        # archive of ended runs unread.
+        for run in self.core.state.active_runs():
             self.update(run)
 
         while True:

@@ -103,7 +103,7 @@ class Scheduler:
             now = wall_clock_us()
             queued = [
                 run
-                for run in state.runs.values()
+                for run in state.active_runs()
                 if run.status == "submitted" and is_placeable(run, now)
             ]
             if not queued:
@@ -213,7 +213,7 @@ class Scheduler:
     def next_instance_name(self, backend: str) -> str:
         taken = {
             instance.name
-            for instance in self.core.state.instances.values()
+            for instance in self.core.state.live_instances()
             if instance.status not in ("terminated", "failed")
         }
         number = 1

@@ -210,9 +210,11 @@ class Api:
 
         show_all = flag(request, "all")
         now = wall_clock_us()
+        # Without --all only live instances, which need no archive read.
+        candidates = state.instances.values() if show_all else state.live_instances()
         instances = [
             views.instance_view(state, instance, now)
-            for instance in state.instances.values()
+            for instance in candidates
             if (pool is None or instance.pool == pool)
             and (show_all or instance.status not in ("terminated", "failed"))
         ]
@@ -257,9 +259,12 @@ class Api:
 
     async def list_runs(self, request: web.Request) -> web.Response:
         show_all = flag(request, "all")
+        state = self.core.state
+        # Without --all only active runs, which need no archive read.
+        candidates = state.runs.values() if show_all else state.active_runs()
         runs = [
             self._run_view(run.id)
-            for run in self.core.state.runs.values()
+            for run in candidates
             if show_all or run.status in ACTIVE_RUN_STATUSES
         ]
         return json_response(runs)

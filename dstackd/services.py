@@ -60,7 +60,7 @@ class ServiceProbes:
         async with ClientSession() as session, anyio.create_task_group() as group:
             self._session = session
             self._task_group = group
-            for run in list(self.core.state.runs.values()):
+            for run in self.core.state.active_runs():
                 self.probe_soon(run)
 
             await anyio.sleep_forever()

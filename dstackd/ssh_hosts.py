@@ -138,7 +138,7 @@ def _parse_targets(request: api.AddSshHosts) -> list[SshTarget]:
 def _check_not_added(commands: Commands, targets: list[SshTarget]) -> None:
     """Reject a target whose host and port a live SSH instance already has."""
     live = {}
-    for instance in commands.core.state.instances.values():
+    for instance in commands.core.state.live_instances():
         if instance.backend != BACKEND_NAME:
             continue
 
@@ -184,7 +184,7 @@ async def _detect_all(
 def _instance_names(commands: Commands, name: str | None, count: int) -> list[str]:
     taken = {
         instance.name
-        for instance in commands.core.state.instances.values()
+        for instance in commands.core.state.live_instances()
         if instance.status in LIVE_INSTANCE_STATUSES
     }
     if name is not None:

@@ -29,7 +29,7 @@ def iso(microseconds: int | None) -> str | None:
 
 def pool_view(state: State, name: str, pool: Pool | None) -> api.PoolView:
     instances = [
-        i for i in state.instances.values() if i.pool == name and i.status in LIVE_INSTANCE_STATUSES
+        i for i in state.live_instances() if i.pool == name and i.status in LIVE_INSTANCE_STATUSES
     ]
     return api.PoolView(
         name=name,

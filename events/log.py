@@ -43,6 +43,7 @@ from events.log_reader import (
     CheckedRecord,
     LogSchemaError,
     Row,
+    SnapshotChunk,
     SnapshotHeader,
     VerifyResult,
     check_rows,
@@ -90,6 +91,17 @@ _INSERT_SNAPSHOT = (
 _PRUNE_SNAPSHOTS = (
     "DELETE FROM snapshots WHERE position NOT IN"
     " (SELECT position FROM snapshots ORDER BY position DESC LIMIT ?)"
+)
+_INSERT_CHUNK = (
+    "INSERT OR REPLACE INTO snapshot_chunks"
+    " (position, number, last_position, chunk_index, entries) VALUES (?, ?, ?, ?, ?)"
+)
+_REFER_CHUNK = (
+    "UPDATE snapshot_chunks SET last_position = ? WHERE position = ? AND number = ?"
+)
+_PRUNE_CHUNKS = (
+    "DELETE FROM snapshot_chunks"
+    " WHERE last_position < (SELECT MIN(position) FROM snapshots)"
 )
 
 
@@ -166,7 +178,15 @@ class _Append(_Request):
 
 
 class _SnapshotWrite(_Request):
-    __slots__ = ("data", "keep", "position", "record_hash", "state_hash")
+    __slots__ = (
+        "chunk_refs",
+        "chunks",
+        "data",
+        "keep",
+        "position",
+        "record_hash",
+        "state_hash",
+    )
 
     def __init__(
         self,
@@ -175,6 +195,8 @@ class _SnapshotWrite(_Request):
         data: bytes,
         state_hash: bytes,
         keep: int,
+        chunks: Sequence[SnapshotChunk],
+        chunk_refs: Sequence[tuple[int, int]],
     ) -> None:
         super().__init__()
         self.position = position
@@ -182,6 +204,8 @@ class _SnapshotWrite(_Request):
         self.data = data
         self.state_hash = state_hash
         self.keep = keep
+        self.chunks = chunks
+        self.chunk_refs = chunk_refs
 
 
 class _Barrier(_Request):
@@ -425,17 +449,23 @@ class EventLog:
         state_hash: bytes,
         *,
         keep: int,
+        chunks: Sequence[SnapshotChunk] = (),
+        chunk_refs: Sequence[tuple[int, int]] = (),
     ) -> None:
-        """Store a snapshot row in the next group's transaction and delete all
-        but the newest ``keep`` snapshots.
+        """Store a snapshot row and its new archive ``chunks`` in the next
+        group's transaction, and delete all but the newest ``keep`` snapshots.
 
-        ``events.snapshot.save_snapshot`` validates and encodes the state;
-        call that instead of this.
+        ``chunk_refs`` lists the ``(position, number)`` of every stored chunk
+        the snapshot refers to besides ``chunks``. Chunks that no kept snapshot
+        refers to any more are deleted. ``events.snapshot.save_snapshot``
+        validates and encodes the state; call that instead of this.
         """
         if keep < 1:
             raise ValueError(f"invalid keep {keep}: expected at least 1")
 
-        request = _SnapshotWrite(position, record_hash, state, state_hash, keep)
+        request = _SnapshotWrite(
+            position, record_hash, state, state_hash, keep, chunks, chunk_refs
+        )
         await self._submit(request)
 
     async def _submit(self, request: _Request) -> None:
@@ -595,19 +625,37 @@ class EventLog:
             await writer.execute(_insert_statement(len(chunk)), _flatten(chunk))
 
         for snapshot in snapshots:
-            await self._writer.execute(
-                _INSERT_SNAPSHOT,
-                (
-                    snapshot.position,
-                    snapshot.record_hash,
-                    snapshot.data,
-                    snapshot.state_hash,
-                    self._clock(),
-                ),
-            )
-            await self._writer.execute(_PRUNE_SNAPSHOTS, (snapshot.keep,))
+            await self._write_snapshot(snapshot)
 
         await writer.execute("COMMIT")
+
+    async def _write_snapshot(self, snapshot: _SnapshotWrite) -> None:
+        """Write a snapshot and its chunks inside the open transaction."""
+        writer = self._writer
+        position = snapshot.position
+        await writer.executemany(
+            _INSERT_CHUNK,
+            [
+                (chunk.position, chunk.number, position, chunk.index, chunk.entries)
+                for chunk in snapshot.chunks
+            ],
+        )
+        await writer.executemany(
+            _REFER_CHUNK,
+            [(position, *chunk_ref) for chunk_ref in snapshot.chunk_refs],
+        )
+        await writer.execute(
+            _INSERT_SNAPSHOT,
+            (
+                position,
+                snapshot.record_hash,
+                snapshot.data,
+                snapshot.state_hash,
+                self._clock(),
+            ),
+        )
+        await writer.execute(_PRUNE_SNAPSHOTS, (snapshot.keep,))
+        await writer.execute(_PRUNE_CHUNKS)
 
     def _publish(
         self,
@@ -1045,6 +1093,12 @@ def repair_file(path: str) -> RepairResult:
         removed_snapshots = connection.execute(
             "DELETE FROM snapshots WHERE position >= ?", (result.bad_position,)
         ).rowcount
+        if _has_table(connection, "snapshot_chunks"):
+            # Chunks stored at or after the cut belong only to removed snapshots.
+            connection.execute(
+                "DELETE FROM snapshot_chunks WHERE position >= ?",
+                (result.bad_position,),
+            )
         connection.execute("COMMIT")
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except BaseException:
@@ -1073,6 +1127,14 @@ def repair_file(path: str) -> RepairResult:
         bad_position=result.bad_position,
         problem=result.problem,
     )
+
+
+def _has_table(connection: sqlite3.Connection, name: str) -> bool:
+    row = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+
+    return row is not None
 
 
 def _backup_files(path: str) -> str:

@@ -16,7 +16,7 @@ import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import NoReturn, Self
+from typing import Literal, NoReturn, Self
 
 import msgspec
 
@@ -27,7 +27,14 @@ SCHEMA_VERSION = 1
 
 # ``state`` is the last column of ``snapshots`` because SQLite reaches the
 # columns after a large value by walking its overflow pages: reading the
-# headers of a 100 MB snapshot took 85 ms with ``state`` in the middle.
+# headers of a 100 MB snapshot took 85 ms with ``state`` in the middle. For the
+# same reason ``entries``, the larger part of an archive chunk, comes last.
+#
+# ``snapshot_chunks`` holds the archive of ended runs and instances that
+# snapshots refer to (see ``events.snapshot``). A chunk is stored once, by the
+# snapshot at ``position``, and ``last_position`` is the newest snapshot that
+# refers to it; one older than every kept snapshot is deleted. Readers treat a
+# file without the table, written before it existed, as having no chunks.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     position INTEGER PRIMARY KEY,
@@ -43,6 +50,14 @@ CREATE TABLE IF NOT EXISTS snapshots (
     state_hash BLOB NOT NULL,
     created_at INTEGER NOT NULL,
     state BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshot_chunks (
+    position INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    last_position INTEGER NOT NULL,
+    chunk_index BLOB NOT NULL,
+    entries BLOB NOT NULL,
+    PRIMARY KEY (position, number)
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -108,6 +123,16 @@ class SnapshotHeader(msgspec.Struct, frozen=True):
     record_hash: bytes
     state_hash: bytes
     created_at: int
+
+
+class SnapshotChunk(msgspec.Struct, frozen=True):
+    """A row of the ``snapshot_chunks`` table to write: ``index`` and
+    ``entries`` are the chunk's two encoded parts (see ``events.snapshot``)."""
+
+    position: int
+    number: int
+    index: bytes
+    entries: bytes
 
 
 class ChainBreak(msgspec.Struct, frozen=True):
@@ -272,6 +297,28 @@ def read_snapshot_state(connection: sqlite3.Connection, position: int) -> bytes 
     row = connection.execute(
         "SELECT state FROM snapshots WHERE position = ?", (position,)
     ).fetchone()
+
+    return None if row is None else bytes(row[0])
+
+
+def read_chunk_part(
+    connection: sqlite3.Connection,
+    position: int,
+    number: int,
+    part: Literal["chunk_index", "entries"],
+) -> bytes | None:
+    """Return one part of the archive chunk stored at ``(position, number)``,
+    or ``None`` when the chunk (or the whole table) does not exist."""
+    try:
+        row = connection.execute(
+            f"SELECT {part} FROM snapshot_chunks WHERE position = ? AND number = ?",
+            (position, number),
+        ).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+
+        raise
 
     return None if row is None else bytes(row[0])
 

@@ -10,16 +10,30 @@ either order. The first of the two frees the instance, so no record leaves a
 busy instance held by an ended run. In the same way, ``InstanceLost`` fails the
 run that held the instance. A terminated instance is final: later events about
 it change nothing.
+
+Runs and instances live in ``EntryMap``s. Each keeps its active runs or live
+instances, and every entry changed since the last snapshot, in a hot dict; a
+snapshot moves the ended ones into an archive of chunks that is decoded only
+when something reads history. A daemon therefore opens in time that depends
+on what is active, not on how long the log is.
 """
 
-from collections.abc import Callable, Iterable
-from typing import Literal
+import operator
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    ValuesView,
+)
+from typing import Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
 
 from events.event_types import (
     DefaultPoolSet,
-    Event,
     InstanceClaimed,
     InstanceIdleExpired,
     InstanceLost,
@@ -48,7 +62,7 @@ from events.event_types import (
 )
 from events.grammar import format_duration
 from events.model import Duration, Offer, Resources
-from events.record import Record
+from events.record import GENESIS_HASH, Record
 
 DEFAULT_POOL = "default-pool"
 
@@ -62,13 +76,25 @@ SCHEDULABLE_INSTANCE_STATUSES = frozenset({"provisioning", "idle", "busy"})
 ENDED_INSTANCE_STATUSES = frozenset({"failed", "terminated"})
 ACTIVE_RUN_STATUSES = frozenset({"submitted", "provisioning", "running"})
 
+# Entries per archive chunk. Reading one archived entry decodes its whole
+# chunk, so this bounds the cost of looking up a single ended run.
+CHUNK_ENTRIES = 4096
 
-class Pool(msgspec.Struct):
+# Version of ``encode_state``'s format and of the snapshots in events.snapshot.
+STATE_FORMAT = 2
+
+
+# The projection's structs hold no reference cycles, so they opt out of the
+# cyclic garbage collector (``gc=False``), which makes a fold allocate less and
+# collect faster. ``array_like`` encodes them as arrays, without field names.
+
+
+class Pool(msgspec.Struct, gc=False, array_like=True):
     name: str
     created_at: int
 
 
-class Instance(msgspec.Struct):
+class Instance(msgspec.Struct, gc=False, array_like=True):
     """An instance as the log describes it.
 
     ``schedulable`` turns false for good once the idle duration expired or a
@@ -111,7 +137,7 @@ class Instance(msgspec.Struct):
         return self.offer.price
 
 
-class RunAttempt(msgspec.Struct):
+class RunAttempt(msgspec.Struct, gc=False, array_like=True):
     """An ended attempt of a retried run; ``number`` counts from 1."""
 
     number: int
@@ -123,7 +149,7 @@ class RunAttempt(msgspec.Struct):
     exit_status: int | None = None
 
 
-class Run(msgspec.Struct):
+class Run(msgspec.Struct, gc=False, array_like=True):
     """A run as the log describes it.
 
     ``attempts`` counts the instance claims of the run. ``history`` lists the
@@ -160,33 +186,615 @@ class Run(msgspec.Struct):
     retry_at: int | None = None
     attempt_started_at: int | None = None
     capacity_wait_since: int | None = None
-    history: list[RunAttempt] = []
+    history: tuple[RunAttempt, ...] = ()
 
 
-class State(msgspec.Struct):
-    """Everything the log says, as of ``checkpoint`` (the last position applied)."""
+EntryT = TypeVar("EntryT", Run, Instance)
 
-    checkpoint: int = 0
-    head_hash: bytes = bytes(32)
-    pools: dict[str, Pool] = {}
-    default_pool: str | None = None
-    instances: dict[str, Instance] = {}
-    runs: dict[str, Run] = {}
+
+class ChunkIndex(msgspec.Struct, array_like=True, gc=False):
+    """The keys of an archive chunk's entries, their ranks and their names, in
+    the order of the entries."""
+
+    keys: list[str]
+    ranks: list[int]
+    names: list[str]
+
+
+class Chunk(Generic[EntryT]):
+    """Archived entries of one ``EntryMap``, stored and decoded together.
+
+    A chunk from a snapshot starts with readers and decodes its index and its
+    entries on first use; a chunk archived in this process starts decoded.
+    ``ref`` is where the chunk is stored, ``None`` until a snapshot stored it.
+    """
+
+    __slots__ = ("_entries", "_index", "_read_entries", "_read_index", "ref")
+
+    def __init__(
+        self,
+        index: ChunkIndex | None = None,
+        entries: list[EntryT] | None = None,
+        *,
+        read_index: Callable[[], ChunkIndex] | None = None,
+        read_entries: Callable[[], list[EntryT]] | None = None,
+        ref: "ChunkRef | None" = None,
+    ) -> None:
+        if (index is None and read_index is None) or (
+            entries is None and read_entries is None
+        ):
+            raise ValueError("a chunk needs its index and entries or their readers")
+
+        self._index = index
+        self._entries = entries
+        self._read_index = read_index
+        self._read_entries = read_entries
+        self.ref = ref
+
+    def index(self) -> ChunkIndex:
+        if self._index is None:
+            assert self._read_index is not None
+            self._index = self._read_index()
+
+        return self._index
+
+    def entries(self) -> list[EntryT]:
+        if self._entries is None:
+            assert self._read_entries is not None
+            entries = self._read_entries()
+            if len(entries) != len(self.index().keys):
+                raise ValueError(
+                    f"archive chunk has {len(entries)} entries but its index "
+                    f"has {len(self.index().keys)} keys"
+                )
+
+            self._entries = entries
+
+        return self._entries
+
+
+class _Location(NamedTuple):
+    rank: int
+    chunk: Chunk  # type: ignore[type-arg]
+    offset: int
+
+
+class _HotDict(dict[str, EntryT]):
+    """The hot dict of an ``EntryMap``: a key it lacks is looked up in the
+    archive and, when found there, moved back into it (``__missing__``)."""
+
+    __slots__ = ("owner",)
+
+    def __missing__(self, key: str) -> EntryT:
+        return self.owner.promote(key)  # type: ignore[attr-defined, no-any-return]
+
+
+class EntryMap(Mapping[str, EntryT]):
+    """Runs or instances by id: a hot dict in memory plus an archive.
+
+    ``hot`` holds every active run or live instance and every entry created or
+    changed since the last snapshot; ``ranks`` holds the rank of each of its
+    keys, the position of the record that created the entry. The archive holds
+    the ended entries that a snapshot moved out of ``hot`` (``archive_ended``),
+    in chunks that are read on first use.
+
+    As a ``Mapping`` it contains every entry, in creation order, like the dict
+    a replay builds: a lookup that misses ``hot`` reads the archive's index,
+    and iteration, ``len`` and ``values`` read the whole archive. ``apply``
+    writes only through ``hot`` and ``insert``: a write to an archived key
+    moves that entry back into ``hot`` first (``promote``), so every entry
+    that differs from its archived copy is in ``hot``. Code that needs only
+    active runs or live instances reads ``hot_values`` and reads no archive.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_hot_sorted",
+        "_index",
+        "_merged",
+        "_merged_version",
+        "_names",
+        "_names_stale",
+        "_version",
+        "hot",
+        "ranks",
+    )
+
+    def __init__(
+        self,
+        entries: Mapping[str, EntryT] | None = None,
+        ranks: Iterable[int] | None = None,
+        chunks: Iterable[Chunk[EntryT]] = (),
+    ) -> None:
+        """Hold ``entries`` in ``hot`` and ``chunks`` as the archive.
+
+        ``ranks`` gives each entry's rank in order; by default the entries
+        rank before any created by a record, in the given order.
+        """
+        entries = entries or {}
+        self.hot: _HotDict[EntryT] = _HotDict(entries)
+        self.hot.owner = self
+        if ranks is None:
+            ranks = range(-len(entries), 0)
+
+        self.ranks: dict[str, int] = dict(zip(entries, ranks, strict=True))
+        self._chunks: list[Chunk[EntryT]] = list(chunks)
+        self._index: dict[str, _Location] | None = None
+        self._names: dict[str, tuple[int, str]] | None = None
+        self._names_stale: set[str] = set()
+        self._merged: dict[str, EntryT] | None = None
+        self._merged_version = -1
+        self._version = 0
+        self._hot_sorted = True
+
+    # Writes, for ``apply`` only
+
+    def insert(self, key: str, entry: EntryT, rank: int) -> None:
+        """Store ``entry`` in ``hot``; a new key gets rank ``rank``.
+
+        NOTE: a key that exists only in the unread archive counts as new here,
+        so until the archive's index is read, ``hot_values`` orders it by
+        ``rank``. Iteration over the whole map orders it by its first rank, as
+        a replay does. The daemon never reuses an id.
+        """
+        self.hot[key] = entry
+        if key not in self.ranks:
+            self.ranks[key] = rank
+
+        self._version += 1
+
+    def __setitem__(self, key: str, entry: EntryT) -> None:
+        """Store ``entry`` like a dict: a new key ranks after every other."""
+        if key not in self.hot and key in self:
+            self.promote(key)
+
+        if key in self.hot:
+            self.insert(key, entry, self.ranks[key])
+            return
+
+        last = max(self.ranks.values(), default=-1)
+        if self._chunks:
+            archived = (location.rank for location in self._archive_index().values())
+            last = max(last, max(archived, default=last))
+
+        self.insert(key, entry, last + 1)
+
+    def promote(self, key: str) -> EntryT:
+        """Move the archived entry ``key`` back into ``hot`` and return it.
+
+        Raises:
+            KeyError: no entry has that key.
+        """
+        location = self._archive_index().pop(key, None)
+        if location is None:
+            raise KeyError(key)
+
+        entry = location.chunk.entries()[location.offset]
+        dict.__setitem__(self.hot, key, entry)
+        self.ranks[key] = location.rank
+        self._hot_sorted = False
+        self._version += 1
+        if self._names is not None and self._names.get(entry.name, (0, ""))[1] == key:
+            self._names_stale.add(entry.name)
+
+        return entry
+
+    def archive_ended(self, is_ended: Callable[[EntryT], bool]) -> list[Chunk[EntryT]]:
+        """Move the entries of ``hot`` for which ``is_ended`` holds into new
+        archive chunks, and return those chunks in rank order.
+        """
+        self._sort_hot()
+        ended = [key for key, entry in self.hot.items() if is_ended(entry)]
+        chunks = []
+        for start in range(0, len(ended), CHUNK_ENTRIES):
+            keys = ended[start : start + CHUNK_ENTRIES]
+            entries = [self.hot[key] for key in keys]
+            index = ChunkIndex(
+                keys,
+                [self.ranks[key] for key in keys],
+                [entry.name for entry in entries],
+            )
+            chunks.append(Chunk(index, entries))
+
+        for key in ended:
+            del self.hot[key]
+            del self.ranks[key]
+
+        for chunk in chunks:
+            self._add_chunk(chunk)
+
+        return chunks
+
+    # Reads that stay in memory
+
+    def hot_values(self) -> list[EntryT]:
+        """Return the entries of ``hot`` in creation order: every active run or
+        live instance, and other entries changed since the last snapshot."""
+        self._sort_hot()
+
+        return list(self.hot.values())
+
+    @property
+    def chunks(self) -> list[Chunk[EntryT]]:
+        """The archive's chunks, oldest first; later chunks override earlier."""
+        return self._chunks
+
+    # Mapping
+
+    def __getitem__(self, key: str) -> EntryT:
+        entry = self.hot.get(key)
+        if entry is not None:
+            return entry
+
+        if self._chunks:
+            location = self._archive_index().get(key)
+            if location is not None:
+                return location.chunk.entries()[location.offset]
+
+        raise KeyError(key)
+
+    def get(self, key: str, default: EntryT | None = None) -> EntryT | None:  # type: ignore[override]
+        entry = self.hot.get(key)
+        if entry is not None or not self._chunks:
+            return default if entry is None else entry
+
+        location = self._archive_index().get(key)
+        if location is None:
+            return default
+
+        return location.chunk.entries()[location.offset]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.hot:
+            return True
+
+        return bool(self._chunks) and key in self._archive_index()
+
+    def __len__(self) -> int:
+        if not self._chunks:
+            return len(self.hot)
+
+        index = self._archive_index()
+        both = sum(1 for key in self.hot if key in index)
+
+        return len(self.hot) + len(index) - both
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._merged_dict())
+
+    def keys(self) -> KeysView[str]:
+        return self._merged_dict().keys()
+
+    def values(self) -> ValuesView[EntryT]:
+        return self._merged_dict().values()
+
+    def items(self) -> ItemsView[str, EntryT]:
+        return self._merged_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EntryMap):
+            return self._merged_dict() == other._merged_dict()
+
+        if isinstance(other, Mapping):
+            return self._merged_dict() == dict(other)
+
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"EntryMap({self._merged_dict()!r})"
+
+    def last_named(self, name: str) -> EntryT | None:
+        """Return the newest entry whose ``name`` is ``name``, or ``None``.
+
+        Reads the archive's index but decodes at most one chunk.
+        """
+        best_rank = None
+        best: EntryT | None = None
+        for key, entry in self.hot.items():
+            rank = self.ranks[key]
+            if entry.name == name and (best_rank is None or rank > best_rank):
+                best_rank, best = rank, entry
+
+        if not self._chunks:
+            return best
+
+        archived = self._archived_name(name)
+        if archived is not None and (best_rank is None or archived[0] > best_rank):
+            return self[archived[1]]
+
+        return best
+
+    def rank_of(self, key: str) -> int:
+        """Return the rank of ``key``: the position of the record that created
+        it, or a negative number for an entry given to the constructor."""
+        rank = self.ranks.get(key)
+        location = self._archive_index().get(key) if self._chunks else None
+        if location is not None and (rank is None or location.rank < rank):
+            rank = location.rank
+
+        if rank is None:
+            raise KeyError(key)
+
+        return rank
+
+    # Internals
+
+    def _sort_hot(self) -> None:
+        """Restore creation order in ``hot`` after promotions appended to it."""
+        if self._hot_sorted:
+            return
+
+        ranks = self.ranks
+        items = sorted(self.hot.items(), key=lambda item: ranks[item[0]])
+        self.hot.clear()
+        self.hot.update(items)
+        self._hot_sorted = True
+
+    def _archive_index(self) -> dict[str, _Location]:
+        """Return the location of every archived key, reading chunk indexes
+        on first use."""
+        if self._index is None:
+            index: dict[str, _Location] = {}
+            for chunk in self._chunks:
+                _index_chunk(index, chunk)
+
+            self._index = index
+            self._reconcile_ranks()
+
+        return self._index
+
+    def _reconcile_ranks(self) -> None:
+        """Give a key that ``insert`` saw as new its archived, earlier rank."""
+        assert self._index is not None
+        for key, rank in self.ranks.items():
+            location = self._index.get(key)
+            if location is not None and location.rank < rank:
+                self.ranks[key] = location.rank
+                self._hot_sorted = False
+
+    def _add_chunk(self, chunk: Chunk[EntryT]) -> None:
+        self._chunks.append(chunk)
+        if self._index is not None:
+            _index_chunk(self._index, chunk)
+
+        if self._names is not None:
+            index = chunk.index()
+            for key, rank, name in zip(index.keys, index.ranks, index.names):
+                if rank >= self._names.get(name, (rank, key))[0]:
+                    self._names[name] = (rank, key)
+
+    def _archived_name(self, name: str) -> tuple[int, str] | None:
+        """Return the rank and key of the newest archived entry named ``name``."""
+        index = self._archive_index()
+        if self._names is None or name in self._names_stale:
+            names: dict[str, tuple[int, str]] = {}
+            for chunk in self._chunks:
+                chunk_index = chunk.index()
+                for key, rank, entry_name in zip(
+                    chunk_index.keys, chunk_index.ranks, chunk_index.names
+                ):
+                    location = index.get(key)
+                    if location is None or location.chunk is not chunk:
+                        continue
+
+                    if rank >= names.get(entry_name, (rank, key))[0]:
+                        names[entry_name] = (rank, key)
+
+            self._names = names
+            self._names_stale.clear()
+
+        return self._names.get(name)
+
+    def _merged_dict(self) -> dict[str, EntryT]:
+        """Return every entry in creation order, reading the whole archive."""
+        if not self._chunks:
+            self._sort_hot()
+            return self.hot
+
+        if self._merged is not None and self._merged_version == self._version:
+            return self._merged
+
+        index = self._archive_index()
+        ranked: list[tuple[int, str, EntryT]] = []
+        for key, location in index.items():
+            if key not in self.hot:
+                entry = location.chunk.entries()[location.offset]
+                ranked.append((location.rank, key, entry))
+
+        for key, entry in self.hot.items():
+            ranked.append((self.rank_of(key), key, entry))
+
+        ranked.sort(key=operator.itemgetter(0))
+        self._merged = {key: entry for _, key, entry in ranked}
+        self._merged_version = self._version
+
+        return self._merged
+
+
+def _index_chunk(index: dict[str, _Location], chunk: Chunk) -> None:  # type: ignore[type-arg]
+    """Point ``index`` at the entries of ``chunk``, which override older copies
+    but keep their first rank."""
+    chunk_index = chunk.index()
+    for offset, (key, rank) in enumerate(zip(chunk_index.keys, chunk_index.ranks)):
+        older = index.get(key)
+        if older is not None and older.rank < rank:
+            rank = older.rank
+
+        index[key] = _Location(rank, chunk, offset)
+
+
+class State:
+    """Everything the log says, as of ``checkpoint`` (the last position applied).
+
+    ``runs`` and ``instances`` accept plain dicts, which become ``EntryMap``s
+    whose entries rank before any a record creates.
+    """
+
+    __slots__ = (
+        "checkpoint",
+        "default_pool",
+        "head_hash",
+        "instances",
+        "pools",
+        "runs",
+    )
+
+    def __init__(
+        self,
+        checkpoint: int = 0,
+        head_hash: bytes = GENESIS_HASH,
+        pools: dict[str, Pool] | None = None,
+        default_pool: str | None = None,
+        instances: Mapping[str, Instance] | None = None,
+        runs: Mapping[str, Run] | None = None,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.head_hash = head_hash
+        self.pools: dict[str, Pool] = {} if pools is None else pools
+        self.default_pool = default_pool
+        self.instances: EntryMap[Instance] = _as_entry_map(instances)
+        self.runs: EntryMap[Run] = _as_entry_map(runs)
 
     def default_pool_name(self) -> str:
         return self.default_pool or DEFAULT_POOL
 
+    def active_runs(self) -> list[Run]:
+        """Return the submitted, provisioning and running runs, oldest first,
+        without reading the archive."""
+        return [
+            run for run in self.runs.hot_values() if run.status in ACTIVE_RUN_STATUSES
+        ]
+
+    def live_instances(self) -> list[Instance]:
+        """Return the instances that have not failed or terminated, oldest
+        first, without reading the archive."""
+        return [
+            instance
+            for instance in self.instances.hot_values()
+            if instance.status in LIVE_INSTANCE_STATUSES
+        ]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, State):
+            return NotImplemented
+
+        return encode_state(self) == encode_state(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"State(checkpoint={self.checkpoint}, pools={len(self.pools)}, "
+            f"instances={len(self.instances.hot)} in memory, "
+            f"runs={len(self.runs.hot)} in memory)"
+        )
+
+
+def _as_entry_map(entries: Mapping[str, EntryT] | None) -> EntryMap[EntryT]:
+    if isinstance(entries, EntryMap):
+        return entries
+
+    return EntryMap(entries)
+
+
+def is_ended_run(run: Run) -> bool:
+    return run.status not in ACTIVE_RUN_STATUSES
+
+
+def is_ended_instance(instance: Instance) -> bool:
+    return instance.status in ENDED_INSTANCE_STATUSES
+
+
+class ChunkRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Where an archive chunk is stored, and SHA-256 of its two parts."""
+
+    position: int
+    number: int
+    index_hash: bytes
+    entries_hash: bytes
+
+
+class StateData(msgspec.Struct, array_like=True, gc=False):
+    """The stored form of a ``State``, written by ``encode_state`` and by
+    snapshots.
+
+    ``runs`` and ``instances`` are the hot entries in creation order, with
+    their ranks in ``run_ranks`` and ``instance_ranks``. The chunk lists are
+    empty in ``encode_state``'s output, which holds every entry; a snapshot
+    lists the archive chunks it stores beside it.
+    """
+
+    format: int
+    checkpoint: int
+    head_hash: bytes
+    pools: dict[str, Pool]
+    default_pool: str | None
+    runs: dict[str, Run]
+    run_ranks: list[int]
+    instances: dict[str, Instance]
+    instance_ranks: list[int]
+    run_chunks: list[ChunkRef] = []
+    instance_chunks: list[ChunkRef] = []
+
 
 _state_encoder = msgspec.msgpack.Encoder()
-_state_decoder = msgspec.msgpack.Decoder(State)
+_state_decoder = msgspec.msgpack.Decoder(StateData)
 
 
 def encode_state(state: State) -> bytes:
-    return _state_encoder.encode(state)
+    """Encode every entry of ``state``, reading its whole archive.
+
+    Equal states encode to equal bytes, whichever entries are archived.
+    """
+    runs = dict(state.runs.items())
+    instances = dict(state.instances.items())
+    data = StateData(
+        STATE_FORMAT,
+        state.checkpoint,
+        state.head_hash,
+        state.pools,
+        state.default_pool,
+        runs,
+        [state.runs.rank_of(key) for key in runs],
+        instances,
+        [state.instances.rank_of(key) for key in instances],
+    )
+
+    return _state_encoder.encode(data)
 
 
 def decode_state(data: bytes) -> State:
-    return _state_decoder.decode(data)
+    """Decode what ``encode_state`` wrote.
+
+    Raises:
+        msgspec.DecodeError: ``data`` is not a state, or one in another format.
+    """
+    stored = _state_decoder.decode(data)
+    if stored.format != STATE_FORMAT or stored.run_chunks or stored.instance_chunks:
+        raise msgspec.DecodeError(
+            f"state format is {stored.format} with "
+            f"{len(stored.run_chunks) + len(stored.instance_chunks)} chunks; "
+            f"expected format {STATE_FORMAT} with none"
+        )
+
+    return state_from_data(stored, [], [])
+
+
+def state_from_data(
+    stored: StateData,
+    run_chunks: list[Chunk[Run]],
+    instance_chunks: list[Chunk[Instance]],
+) -> State:
+    """Build a ``State`` from its stored form and its archive chunks."""
+    state = State(
+        stored.checkpoint, stored.head_hash, stored.pools, stored.default_pool
+    )
+    state.runs = EntryMap(stored.runs, stored.run_ranks, run_chunks)
+    state.instances = EntryMap(stored.instances, stored.instance_ranks, instance_chunks)
+
+    return state
 
 
 def copy_state(state: State) -> State:
@@ -219,27 +827,34 @@ def _default_pool_set(state: State, event: DefaultPoolSet, at: int) -> None:
 
 
 def _instance_requested(state: State, event: InstanceRequested, at: int) -> None:
-    state.instances[event.instance_id] = Instance(
-        id=event.instance_id,
-        name=event.name,
-        pool=event.pool,
-        offer=event.offer,
-        resources=event.offer.resources,
-        idle_duration=event.idle_duration,
-        requested_at=at,
-        for_run=event.run_id,
+    # Positional arguments: this and ``_run_submitted`` run once per entry
+    # in a replay, and keywords made them measurably slower.
+    instance = Instance(
+        event.instance_id,
+        event.name,
+        event.pool,
+        event.offer,
+        event.offer.resources,
+        event.idle_duration,
+        at,
+        "provisioning",
+        True,
+        None,
+        None,
+        event.run_id,
     )
+    state.instances.insert(event.instance_id, instance, state.checkpoint)
     if event.pool not in state.pools and event.pool == DEFAULT_POOL:
         _add_pool(state, event.pool, at)
 
-    if event.run_id is not None and event.run_id in state.runs:
-        run = state.runs[event.run_id]
+    if event.run_id is not None and event.run_id in state.runs.hot:
+        run = state.runs.hot[event.run_id]
         if run.status == "submitted":
             run.status = "provisioning"
 
 
 def _instance_provisioned(state: State, event: InstanceProvisioned, at: int) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     instance.resources = event.resources
     instance.hostname = event.hostname
     instance.backend_data = dict(event.backend_data)
@@ -252,7 +867,7 @@ def _instance_provisioned(state: State, event: InstanceProvisioned, at: int) -> 
 def _instance_provisioning_failed(
     state: State, event: InstanceProvisioningFailed, at: int
 ) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     if instance.status == "terminated":
         return
 
@@ -263,11 +878,11 @@ def _instance_provisioning_failed(
 
 
 def _instance_claimed(state: State, event: InstanceClaimed, at: int) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     instance.status = "busy"
     instance.run_id = event.run_id
     instance.idle_since = None
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.instance_id = event.instance_id
     run.attempts += 1
     if run.status == "submitted":
@@ -275,7 +890,7 @@ def _instance_claimed(state: State, event: InstanceClaimed, at: int) -> None:
 
 
 def _instance_released(state: State, event: InstanceReleased, at: int) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     if instance.run_id != event.run_id:
         # The run's end already freed the instance, which another run may
         # hold by now.
@@ -288,7 +903,7 @@ def _instance_released(state: State, event: InstanceReleased, at: int) -> None:
 
 
 def _instance_idle_expired(state: State, event: InstanceIdleExpired, at: int) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     if instance.status == "terminated":
         return
 
@@ -301,7 +916,7 @@ def _instance_idle_expired(state: State, event: InstanceIdleExpired, at: int) ->
 def _instance_termination_requested(
     state: State, event: InstanceTerminationRequested, at: int
 ) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     if instance.status == "terminated":
         return
 
@@ -316,23 +931,23 @@ def _instance_termination_requested(
 def _instance_termination_failed(
     state: State, event: InstanceTerminationFailed, at: int
 ) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     instance.termination_attempts = event.attempt
     instance.last_error = event.error
 
 
 def _instance_terminated(state: State, event: InstanceTerminated, at: int) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     if instance.status != "terminated":
         _end_instance(instance, at)
 
 
 def _instance_lost(state: State, event: InstanceLost, at: int) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     if instance.status == "terminated":
         return
 
-    run = state.runs.get(instance.run_id or "")
+    run = state.runs.hot.get(instance.run_id or "")
     if run is not None and run.status in ACTIVE_RUN_STATUSES:
         run.status = "failed"
         run.reason = f"instance {instance.id} lost: {event.reason}"
@@ -343,7 +958,7 @@ def _instance_lost(state: State, event: InstanceLost, at: int) -> None:
 
 
 def _instance_unreachable(state: State, event: InstanceUnreachable, at: int) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     if instance.reachable:
         instance.unreachable_since = at
 
@@ -352,7 +967,7 @@ def _instance_unreachable(state: State, event: InstanceUnreachable, at: int) -> 
 
 
 def _instance_reachable(state: State, event: InstanceReachable, at: int) -> None:
-    instance = state.instances[event.instance_id]
+    instance = state.instances.hot[event.instance_id]
     instance.reachable = True
     instance.unreachable_since = None
     instance.unreachable_error = None
@@ -367,19 +982,14 @@ def _end_instance(instance: Instance, at: int) -> None:
 
 
 def _run_submitted(state: State, event: RunSubmitted, at: int) -> None:
-    state.runs[event.run_id] = Run(
-        id=event.run_id,
-        name=event.name,
-        pool=event.pool,
-        spec=event.spec,
-        user=event.user,
-        uid=event.uid,
-        submitted_at=at,
+    run = Run(
+        event.run_id, event.name, event.pool, event.spec, event.user, event.uid, at
     )
+    state.runs.insert(event.run_id, run, state.checkpoint)
 
 
 def _run_started(state: State, event: RunStarted, at: int) -> None:
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.status = "running"
     run.instance_id = event.instance_id
     run.pid = event.pid
@@ -392,7 +1002,7 @@ def _run_started(state: State, event: RunStarted, at: int) -> None:
 
 
 def _run_finished(state: State, event: RunFinished, at: int) -> None:
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.exit_status = event.exit_status
     if event.reason is not None:
         run.reason = event.reason
@@ -403,33 +1013,33 @@ def _run_finished(state: State, event: RunFinished, at: int) -> None:
 
 
 def _run_failed(state: State, event: RunFailed, at: int) -> None:
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.reason = event.reason
     run.exit_status = event.exit_status
     _end_run(state, run, "failed", at)
 
 
 def _run_stop_requested(state: State, event: RunStopRequested, at: int) -> None:
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.stop_requested = True
     run.abort = run.abort or event.abort
 
 
 def _run_stopped(state: State, event: RunStopped, at: int) -> None:
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.exit_status = event.exit_status
     _end_run(state, run, "stopped", at)
 
 
 def _run_ready(state: State, event: RunReady, at: int) -> None:
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.ready = True
     run.url = event.url
 
 
 def _run_restarted(state: State, event: RunRestarted, at: int) -> None:
     """Put the service back to claimed-but-not-started on its instance."""
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.restarts = event.restart
     run.ready = False
     run.pid = 0
@@ -440,18 +1050,17 @@ def _run_restarted(state: State, event: RunRestarted, at: int) -> None:
 
 def _run_retried(state: State, event: RunRetried, at: int) -> None:
     """Archive the ended attempt and queue the run again."""
-    run = state.runs[event.run_id]
-    run.history.append(
-        RunAttempt(
-            number=len(run.history) + 1,
-            trigger=event.trigger,
-            reason=event.reason,
-            instance_id=run.instance_id,
-            started_at=run.attempt_started_at,
-            ended_at=run.ended_at or at,
-            exit_status=event.exit_status,
-        )
+    run = state.runs.hot[event.run_id]
+    attempt = RunAttempt(
+        number=len(run.history) + 1,
+        trigger=event.trigger,
+        reason=event.reason,
+        instance_id=run.instance_id,
+        started_at=run.attempt_started_at,
+        ended_at=run.ended_at or at,
+        exit_status=event.exit_status,
     )
+    run.history = (*run.history, attempt)
     _free_instance(state, run, at)
     run.status = "submitted"
     run.instance_id = None
@@ -471,7 +1080,7 @@ def _run_retried(state: State, event: RunRetried, at: int) -> None:
 def _run_max_duration_exceeded(
     state: State, event: RunMaxDurationExceeded, at: int
 ) -> None:
-    run = state.runs[event.run_id]
+    run = state.runs.hot[event.run_id]
     run.stop_requested = True
     run.reason = f"exceeded its max duration of {format_duration(event.max_duration)}"
 
@@ -488,7 +1097,7 @@ def _end_run(state: State, run: Run, status: RunStatus, at: int) -> None:
 
 
 def _free_instance(state: State, run: Run, at: int) -> None:
-    instance = state.instances.get(run.instance_id or "")
+    instance = state.instances.hot.get(run.instance_id or "")
     if instance is not None and instance.status == "busy" and instance.run_id == run.id:
         instance.status = "idle"
         instance.run_id = None
@@ -528,11 +1137,14 @@ def apply(state: State, record: Record, record_hash: bytes = b"") -> State:
     """Fold ``record`` into ``state`` and return it.
 
     ``record_hash`` becomes the state's ``head_hash`` when given, so a snapshot
-    of the state names the exact record it ends at.
+    of the state names the exact record it ends at. A record that names an
+    unknown run or instance raises ``KeyError`` and leaves ``state`` partly
+    applied, with ``checkpoint`` at the record.
     """
-    event: Event = record.event
-    _HANDLERS[type(event)](state, event, record.recorded_at)
+    event = record.event
+    # Set first: a handler that creates an entry ranks it by this position.
     state.checkpoint = record.position
+    _HANDLERS[type(event)](state, event, record.recorded_at)
     if record_hash:
         state.head_hash = record_hash
 
@@ -540,10 +1152,33 @@ def apply(state: State, record: Record, record_hash: bytes = b"") -> State:
 
 
 def replay(records: Iterable[Record], state: State | None = None) -> State:
-    """Fold ``records`` into ``state`` (a new one if not given)."""
+    """Fold ``records`` into ``state`` (a new one if not given) and return it.
+
+    Faster than calling ``apply`` for each record, which matters for a
+    replay of a whole log.
+    """
     state = State() if state is None else state
+    handlers = _HANDLERS
     for record in records:
-        apply(state, record)
+        event = record.event
+        state.checkpoint = record.position
+        handlers[type(event)](state, event, record.recorded_at)
+
+    return state
+
+
+def replay_with_hashes(records: Iterable[tuple[Record, bytes]], state: State) -> State:
+    """Fold ``(record, hash)`` pairs into ``state`` like ``replay``, and set
+    ``head_hash`` to the last hash."""
+    handlers = _HANDLERS
+    record_hash = b""
+    for record, record_hash in records:
+        event = record.event
+        state.checkpoint = record.position
+        handlers[type(event)](state, event, record.recorded_at)
+
+    if record_hash:
+        state.head_hash = record_hash
 
     return state
 

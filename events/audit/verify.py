@@ -36,8 +36,9 @@ from events.log_reader import (
     read_snapshot_headers,
     read_snapshot_state,
 )
-from events.projection import State, apply, decode_state
+from events.projection import State, apply
 from events.record import GENESIS_HASH, Record, decode_body
+from events.snapshot import SnapshotInvalidError, decode_snapshot
 
 ProblemKind = Literal[
     "changed", "missing", "reordered", "truncated", "unreadable", "snapshot"
@@ -413,9 +414,9 @@ class _SnapshotChecker:
             )
 
         try:
-            snapshot = decode_state(data)
-        except msgspec.DecodeError as exc:
-            return f"{prefix} does not decode: {exc}"
+            snapshot = decode_snapshot(self._connection, data)
+        except SnapshotInvalidError as exc:
+            return f"{prefix} cannot be read: {exc.problem}"
 
         difference = describe_difference(snapshot, self._state)
         if difference is not None:
