@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 
 import anyio
+import msgspec
 import structlog
 
 from dstackd.backends.base import Backend, BackendError
@@ -39,7 +40,20 @@ from events.record import NewEvent, Record
 
 log = structlog.get_logger("dstackd.scheduler")
 
-_WAKING_EVENTS = (RunSubmitted, InstanceReleased, InstanceProvisioned, InstanceReachable)
+_WAKING_EVENTS = (
+    RunSubmitted,
+    InstanceReleased,
+    InstanceProvisioned,
+    InstanceProvisioningFailed,
+    InstanceReachable,
+)
+
+
+class PassRequests(msgspec.Struct):
+    """Instances requested so far in one scheduling pass, not yet committed."""
+
+    names: set[str]
+    serial_backends_busy: set[str]
 
 
 class Scheduler:
@@ -111,6 +125,15 @@ class Scheduler:
 
             taken: set[str] = set()
             entries: list[NewEvent] = []
+            requests = PassRequests(
+                names=set(),
+                serial_backends_busy={
+                    instance.backend
+                    for instance in state.live_instances()
+                    if instance.status == "provisioning"
+                    and self._provisions_serially(instance.backend)
+                },
+            )
             for run in queued:
                 placement = choose_instance(state, run, exclude=taken)
                 if placement.instance_id is not None:
@@ -134,7 +157,7 @@ class Scheduler:
                 if placement.wait and reuse_only:
                     continue
 
-                entry = await self._decide_without_instance(run, placement)
+                entry = await self._decide_without_instance(run, placement, requests)
                 if entry is not None:
                     entries.append(entry)
                     if isinstance(entry.event, InstanceRequested):
@@ -150,12 +173,14 @@ class Scheduler:
             self.start_soon(self.provision, instance_id)
 
     async def _decide_without_instance(
-        self, run: Run, placement: Placement
+        self, run: Run, placement: Placement, requests: "PassRequests"
     ) -> NewEvent | None:
         """Provision for ``run`` or fail it; None leaves it queued.
 
         A run that may create instances provisions even while a fitting one is
-        busy; it waits only when no backend offers one.
+        busy; it waits only when no backend offers one. A backend whose offers
+        are its free capacity (the local one) gets one request at a time,
+        because its offers do not count requests that are not created yet.
         """
         if run.spec.creation_policy == "reuse" or run.spec.instance is not None:
             reason = "no instance in pool {} fits: {}".format(
@@ -174,11 +199,20 @@ class Scheduler:
             )
             return self._no_capacity(run, reason)
 
+        backend = decision.offer.backend
+        if backend in requests.serial_backends_busy:
+            return None
+
+        if self._provisions_serially(backend):
+            requests.serial_backends_busy.add(backend)
+
+        name = self.next_instance_name(backend, also_taken=requests.names)
+        requests.names.add(name)
         instance_id = new_instance_id()
         idle = run.spec.idle_duration
         event = InstanceRequested(
             instance_id=instance_id,
-            name=self.next_instance_name(decision.offer.backend),
+            name=name,
             pool=run.pool,
             offer=decision.offer,
             idle_duration=RUN_CREATED_IDLE_DURATION if idle is None else idle,
@@ -210,12 +244,19 @@ class Scheduler:
 
         return offers
 
-    def next_instance_name(self, backend: str) -> str:
+    def _provisions_serially(self, backend: str) -> bool:
+        return bool(getattr(self.backends.get(backend), "provisions_serially", False))
+
+    def next_instance_name(
+        self, backend: str, also_taken: set[str] | frozenset[str] = frozenset()
+    ) -> str:
+        """Return ``<backend>-<n>`` with the smallest n no live instance uses."""
         taken = {
             instance.name
             for instance in self.core.state.live_instances()
             if instance.status not in ("terminated", "failed")
         }
+        taken |= also_taken
         number = 1
         while f"{backend}-{number}" in taken:
             number += 1

@@ -250,6 +250,9 @@ class LocalBackend:
     """
 
     name = BACKEND_NAME
+    # Offers are the free capacity, which counts only created reservations, so
+    # the scheduler requests one local instance at a time.
+    provisions_serially = True
 
     def __init__(
         self, inventory: LocalInventory | None = None, *, data_dir: str

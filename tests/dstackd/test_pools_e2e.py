@@ -221,3 +221,57 @@ def test_clean_shutdown_on_signal(short_tmp: Path, signum: str) -> None:
     daemon.start()
     assert [p["name"] for p in daemon.ctl_json("pool", "list")] == ["kept"]
     daemon.stop()
+
+
+SMALL_MACHINE = """
+[daemon]
+stop_grace_seconds = 2
+
+[local]
+cpus = 4
+memory = "8GB"
+"""
+
+
+@pytest.mark.parametrize("burst", [2, 6])
+def test_burst_of_runs_never_overcommits(short_tmp: Path, burst: int) -> None:
+    import threading
+
+    daemon = DaemonProcess(short_tmp, config=SMALL_MACHINE)
+    daemon.start()
+    try:
+        from dstackctl.client import Client
+
+        results: list[str] = []
+        barrier = threading.Barrier(burst)
+
+        def submit(index: int) -> None:
+            body = {
+                "argv": ["sleep", "0.3"],
+                "name": f"b{index}",
+                "resources": {"cpu": "1", "memory": "1GB"},
+            }
+            barrier.wait(timeout=30)
+            run = Client(str(daemon.socket)).request("POST", "/v1/runs", body=body)
+            results.append(run["status"])
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(burst)]
+        for thread in threads:
+            thread.start()
+
+        for thread in threads:
+            thread.join(timeout=60)
+
+        assert len(results) == burst
+        statuses = [wait_run_ended(daemon, f"b{i}")["status"] for i in range(burst)]
+        assert statuses == ["done"] * burst
+        names = [
+            r["event"]["name"] for r in daemon.events() if r["type"] == "InstanceRequested"
+        ]
+        assert len(names) == len(set(names))
+        assert len(names) == min(burst, 4)
+        failed = [r for r in daemon.events() if r["type"] == "InstanceProvisioningFailed"]
+        assert failed == []
+    finally:
+        daemon.stop_active_runs()
+        daemon.stop()
