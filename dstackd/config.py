@@ -47,13 +47,16 @@ AWS credentials come from the standard chain (environment, shared files, the
 instance role) and are never part of this file.
 
 Sizes are text in the grammar of ``events.grammar.parse_size`` and are checked
-when the file is loaded. The Structs keep the text; ``memory_gb`` and similar
-properties give the value in GB. Every error names the file and where in it the
+when the file is loaded; a bare number such as ``memory = 64`` is turned into
+the text ``"64"``, which means GB. The Structs keep the text; ``memory_gb`` and
+similar properties give the value in GB. Every float must be finite, and counts
+and durations have upper bounds (at most 4096 CPUs, 64 GPUs per entry). Every error names the file and where in it the
 problem is, e.g. ``config /etc/dstackd.toml: unknown key 'cpu' in [local]``.
 """
 
 import grp
 import ipaddress
+import math
 import re
 import tomllib
 from typing import Annotated
@@ -75,6 +78,22 @@ _MISSING_FIELD_RE = re.compile(r"Object missing required field `(?P<key>[^`]*)`"
 _TYPE_RE = re.compile(r"Expected `(?P<expected>[^`]*)`, got `(?P<got>[^`]*)`")
 _PATH_PART_RE = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
+# Upper bounds. Larger values are typos that would otherwise pass validation
+# and fail later, because the local backend builds CPU and GPU id lists in
+# memory and the grace period delays every stop.
+MAX_CPUS = 4096
+MAX_GPUS_PER_ENTRY = 64
+MAX_STOP_GRACE_SECONDS = 3600.0
+MAX_SECONDS = 7 * 24 * 3600.0
+
+# Keys whose value is a size. A TOML number at one of them is read as its text.
+_SIZE_PATHS = (
+    ("local", "memory"),
+    ("local", "disk"),
+    ("local", "gpus", "*", "memory"),
+    ("aws", "disk"),
+)
+
 # msgspec type names as a TOML user knows them. TOML has no null, so "| null"
 # only marks a key as optional and is dropped.
 _TOML_TYPE_NAMES = {"str": "string", "object": "table", "array": "array"}
@@ -95,7 +114,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     socket_group: str | Annotated[int, msgspec.Meta(ge=0)] | None = None
     snapshot_every: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     log_level: str = "info"
-    stop_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    stop_grace_seconds: Annotated[
+        float, msgspec.Meta(ge=0, le=MAX_STOP_GRACE_SECONDS)
+    ] = 10.0
 
     @property
     def socket_mode(self) -> int:
@@ -123,7 +144,7 @@ class GpuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     name: str
     memory: str
-    count: Annotated[int, msgspec.Meta(ge=1)] = 1
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_GPUS_PER_ENTRY)] = 1
 
     @property
     def memory_gb(self) -> float:
@@ -138,7 +159,7 @@ class LocalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     enabled: bool = True
-    cpus: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    cpus: Annotated[int, msgspec.Meta(ge=1, le=MAX_CPUS)] | None = None
     memory: str | None = None
     disk: str | None = None
     price_per_hour: Annotated[float, msgspec.Meta(ge=0)] = 0.0
@@ -154,7 +175,8 @@ class LocalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return None if self.disk is None else parse_size(self.disk, "disk")
 
 
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
+GraceSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 
 
 class SshConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -185,8 +207,8 @@ class AwsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     poll_interval_seconds: Seconds = 5.0
     terminate_timeout_seconds: Seconds = 300.0
     reconcile_interval_seconds: Seconds = 60.0
-    orphan_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 600.0
-    lost_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    orphan_grace_seconds: GraceSeconds = 600.0
+    lost_grace_seconds: GraceSeconds = 300.0
 
     @property
     def disk_gb(self) -> float:
@@ -220,6 +242,11 @@ def load_config(path: str | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"invalid TOML: {exc}") from None
 
+    problem = _check_finite(data, "$")
+    if problem is not None:
+        raise ConfigError(path, problem)
+
+    _sizes_as_text(data)
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -277,6 +304,55 @@ def check_values(config: Config) -> str | None:
     return None if config.aws is None else _check_aws(config.aws)
 
 
+def _check_finite(node: object, path: str) -> str | None:
+    """Return a problem for the first inf or nan in the decoded document, or None.
+
+    TOML allows ``inf`` and ``nan``, and no key of this file takes them.
+    """
+    if isinstance(node, float) and not math.isfinite(node):
+        return f"invalid value {node!r} at {path}: expected a finite number"
+
+    if isinstance(node, dict):
+        children = [(f"{path}.{key}", value) for key, value in node.items()]
+    elif isinstance(node, list):
+        children = [(f"{path}[{index}]", value) for index, value in enumerate(node)]
+    else:
+        return None
+
+    for child_path, child in children:
+        problem = _check_finite(child, child_path)
+        if problem is not None:
+            return problem
+
+    return None
+
+
+def _sizes_as_text(data: dict[str, object]) -> None:
+    """Replace TOML numbers at size keys with their text, in place.
+
+    ``memory = 64`` then reads as ``"64"``, a bare number of GB. Other types
+    stay for msgspec to reject.
+    """
+    for size_path in _SIZE_PATHS:
+        _replace_number(data, size_path)
+
+
+def _replace_number(node: object, parts: tuple[str, ...]) -> None:
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        children = list(enumerate(node)) if isinstance(node, list) else []
+    elif isinstance(node, dict) and head in node:
+        children = [(head, node[head])]
+    else:
+        return
+
+    for key, child in children:
+        if rest:
+            _replace_number(child, rest)
+        elif isinstance(child, int | float) and not isinstance(child, bool):
+            node[key] = str(child)  # type: ignore[index]
+
+
 def _check_aws(aws: AwsConfig) -> str | None:
     for index, region in enumerate(aws.regions):
         if not _REGION_RE.fullmatch(region):
@@ -326,7 +402,7 @@ def describe_validation_error(message: str, data: dict[str, object]) -> str:
 
     if unknown := _UNKNOWN_FIELD_RE.fullmatch(problem):
         key = unknown["key"]
-        if isinstance(_lookup(data, path, key), dict):
+        if isinstance(_lookup(data, [*_path_parts(path), key]), dict):
             return f"unknown table [{_dotted(path, key)}]"
 
         return f"unknown key {key!r} {_where_table(path)}"
@@ -339,9 +415,12 @@ def describe_validation_error(message: str, data: dict[str, object]) -> str:
         got = _toml_type(wrong_type["got"])
         return f"expected {expected} at {path}, got {got}"
 
-    # Constraint errors, e.g. "Expected `int` >= 1".
+    # Constraint errors, e.g. "Expected `int` >= 1", which omit the value.
     text = re.sub(r"`([^`]*)`", lambda quoted: _toml_type(quoted[1]), problem)
     text = text[:1].lower() + text[1:]
+    value = _lookup(data, _path_parts(path))
+    if isinstance(value, int | float | str):
+        return f"{text} at {path}, got {value!r}"
 
     return f"{text} at {path}"
 
@@ -361,9 +440,9 @@ def _path_parts(path: str) -> list[str | int]:
     return parts
 
 
-def _lookup(data: object, path: str, key: str) -> object:
+def _lookup(data: object, parts: list[str | int]) -> object:
     node = data
-    for part in [*_path_parts(path), key]:
+    for part in parts:
         if isinstance(part, int) and isinstance(node, list) and part < len(node):
             node = node[part]
         elif isinstance(part, str) and isinstance(node, dict):

@@ -1,11 +1,13 @@
 """Tests of the TOML config file: defaults, decoding and error messages."""
 
 import grp
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dstackd.config import (
+    AwsConfig,
     Config,
     ConfigError,
     DaemonConfig,
@@ -97,6 +99,87 @@ def test_sizes_are_given_in_gb(tmp_path: Path) -> None:
     assert config.local.gpus[0].memory_gb == 80.0
 
 
+def _gpu0(config: Config) -> GpuConfig:
+    assert config.local.gpus is not None
+    return config.local.gpus[0]
+
+
+def _aws(config: Config) -> AwsConfig:
+    assert config.aws is not None
+    return config.aws
+
+
+# Each case: file text, a getter of the decoded value, and that value.
+ACCEPTED_CASES = [
+    pytest.param(
+        "[local]\nmemory = 64\n",
+        lambda config: config.local.memory_gb,
+        64.0,
+        id="memory-int",
+    ),
+    pytest.param(
+        "[local]\nmemory = 1.5\n",
+        lambda config: config.local.memory_gb,
+        1.5,
+        id="memory-float",
+    ),
+    pytest.param(
+        "[local]\ndisk = 500\n",
+        lambda config: config.local.disk_gb,
+        500.0,
+        id="disk-int",
+    ),
+    pytest.param(
+        '[[local.gpus]]\nname = "A100"\nmemory = 80\n',
+        lambda config: _gpu0(config).memory_gb,
+        80.0,
+        id="gpu-memory-int",
+    ),
+    pytest.param(
+        "[aws]\ndisk = 100\n",
+        lambda config: _aws(config).disk_gb,
+        100.0,
+        id="aws-disk-int",
+    ),
+    pytest.param(
+        "[local]\ncpus = 4096\n",
+        lambda config: config.local.cpus,
+        4096,
+        id="cpus-max",
+    ),
+    pytest.param(
+        '[[local.gpus]]\nname = "A100"\nmemory = "80GB"\ncount = 64\n',
+        lambda config: _gpu0(config).count,
+        64,
+        id="gpu-count-max",
+    ),
+    pytest.param(
+        "[daemon]\nstop_grace_seconds = 3600\n",
+        lambda config: config.daemon.stop_grace_seconds,
+        3600.0,
+        id="grace-max",
+    ),
+    pytest.param(
+        "[ssh]\nlost_after_seconds = 604800\n",
+        lambda config: config.ssh.lost_after_seconds,
+        604800.0,
+        id="ssh-seconds-max",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "getter", "expected"), ACCEPTED_CASES)
+def test_valid_value_is_decoded(
+    tmp_path: Path,
+    text: str,
+    getter: Callable[[Config], object],
+    expected: object,
+) -> None:
+    config = load_config(_write(tmp_path, text))
+
+    assert getter(config) == expected
+
+
 class TestSocketGroup:
     def test_group_gives_mode_0660(self) -> None:
         assert DaemonConfig(socket_group="root").socket_mode == 0o660
@@ -169,7 +252,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         "[local]\ncpus = 0\n",
-        "expected int >= 1 at $.local.cpus",
+        "expected int >= 1 at $.local.cpus, got 0",
         id="cpus-zero",
     ),
     pytest.param(
@@ -178,9 +261,20 @@ ERROR_CASES = [
         id="enabled-int",
     ),
     pytest.param(
-        "[local]\nmemory = 64\n",
-        "expected string at $.local.memory, got int",
-        id="memory-number",
+        "[local]\nmemory = true\n",
+        "expected string at $.local.memory, got bool",
+        id="memory-bool",
+    ),
+    pytest.param(
+        "[local]\nmemory = -64\n",
+        "invalid value '-64' at $.local.memory: expected a non-negative number "
+        "with a unit MB, GB or TB (512MB, 80GB, 1.5TB) or a bare number of GB (16)",
+        id="memory-negative-number",
+    ),
+    pytest.param(
+        "[local]\ndisk = 0\n",
+        "invalid value '0' at $.local.disk: expected a size above 0",
+        id="disk-zero-number",
     ),
     pytest.param(
         '[local]\nmemory = "64XB"\n',
@@ -195,12 +289,12 @@ ERROR_CASES = [
     ),
     pytest.param(
         "[local]\nprice_per_hour = -1\n",
-        "expected float >= 0.0 at $.local.price_per_hour",
+        "expected float >= 0.0 at $.local.price_per_hour, got -1",
         id="negative-price",
     ),
     pytest.param(
         '[local]\nregion = ""\n',
-        "expected string of length >= 1 at $.local.region",
+        "expected string of length >= 1 at $.local.region, got ''",
         id="empty-region",
     ),
     pytest.param(
@@ -229,7 +323,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         '[[local.gpus]]\nname = "A100"\nmemory = "80GB"\ncount = 0\n',
-        "expected int >= 1 at $.local.gpus[0].count",
+        "expected int >= 1 at $.local.gpus[0].count, got 0",
         id="gpu-count-zero",
     ),
     pytest.param(
@@ -240,7 +334,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         "[daemon]\nsocket_group = -1\n",
-        "expected int >= 0 at $.daemon.socket_group",
+        "expected int >= 0 at $.daemon.socket_group, got -1",
         id="negative-gid",
     ),
     pytest.param(
@@ -256,13 +350,33 @@ ERROR_CASES = [
     ),
     pytest.param(
         "[daemon]\nsnapshot_every = 0\n",
-        "expected int >= 1 at $.daemon.snapshot_every",
+        "expected int >= 1 at $.daemon.snapshot_every, got 0",
         id="snapshot-every-zero",
     ),
     pytest.param(
         "[daemon]\nstop_grace_seconds = -1\n",
-        "expected float >= 0.0 at $.daemon.stop_grace_seconds",
+        "expected float >= 0.0 at $.daemon.stop_grace_seconds, got -1",
         id="negative-grace",
+    ),
+    pytest.param(
+        "[local]\ncpus = 99999999999999999\n",
+        "expected int <= 4096 at $.local.cpus, got 99999999999999999",
+        id="cpus-too-many",
+    ),
+    pytest.param(
+        '[[local.gpus]]\nname = "A100"\nmemory = "80GB"\ncount = 65\n',
+        "expected int <= 64 at $.local.gpus[0].count, got 65",
+        id="gpu-count-too-many",
+    ),
+    pytest.param(
+        "[daemon]\nstop_grace_seconds = 3601\n",
+        "expected float <= 3600.0 at $.daemon.stop_grace_seconds, got 3601",
+        id="grace-too-long",
+    ),
+    pytest.param(
+        "[ssh]\nlost_after_seconds = 1e300\n",
+        "expected float <= 604800.0 at $.ssh.lost_after_seconds, got 1e+300",
+        id="ssh-seconds-too-long",
     ),
     pytest.param(
         "[local\n",
@@ -271,6 +385,44 @@ ERROR_CASES = [
         id="invalid-toml",
     ),
 ]
+
+
+# Every float key and a size key, each given inf, -inf and nan as TOML spells
+# them, and 1e999, which TOML reads as inf. Each case: table, key.
+FLOAT_KEYS = [
+    ("daemon", "stop_grace_seconds"),
+    ("local", "price_per_hour"),
+    ("local", "memory"),
+    ("ssh", "connect_timeout_seconds"),
+    ("ssh", "keepalive_interval_seconds"),
+    ("ssh", "lost_after_seconds"),
+    ("ssh", "health_check_interval_seconds"),
+    ("ssh", "health_check_timeout_seconds"),
+    ("aws", "running_timeout_seconds"),
+    ("aws", "poll_interval_seconds"),
+    ("aws", "terminate_timeout_seconds"),
+    ("aws", "reconcile_interval_seconds"),
+    ("aws", "orphan_grace_seconds"),
+    ("aws", "lost_grace_seconds"),
+]
+NON_FINITE = [("inf", "inf"), ("-inf", "-inf"), ("nan", "nan"), ("1e999", "inf")]
+
+ERROR_CASES += [
+    pytest.param(
+        f"[{table}]\n{key} = {written}\n",
+        f"invalid value {shown} at $.{table}.{key}: expected a finite number",
+        id=f"{key}-{written}",
+    )
+    for table, key in FLOAT_KEYS
+    for written, shown in NON_FINITE
+]
+ERROR_CASES.append(
+    pytest.param(
+        '[[local.gpus]]\nname = "A100"\nmemory = nan\n',
+        "invalid value nan at $.local.gpus[0].memory: expected a finite number",
+        id="gpu-memory-nan",
+    )
+)
 
 
 @pytest.mark.parametrize(("text", "message"), ERROR_CASES)
