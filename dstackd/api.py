@@ -43,7 +43,7 @@ EXIT_UNREACHABLE = 3
 EXIT_NOT_FOUND = 4
 
 ErrorCode = Literal[
-    "invalid_request", "invalid_value", "not_found", "conflict", "internal"
+    "invalid_request", "invalid_value", "not_found", "conflict", "forbidden", "internal"
 ]
 
 

@@ -5,6 +5,7 @@ the state under the lock and appends all its events in one batch. A rejected
 command raises a ``CommandError`` and appends nothing.
 """
 
+import os
 import re
 
 import anyio
@@ -13,7 +14,12 @@ import structlog
 from dstackd import api
 from dstackd.backends.base import Backend
 from dstackd.core import Core
-from dstackd.errors import ConflictError, InvalidRequestError, NotFoundError
+from dstackd.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from dstackd.placement import choose_instance, describe_rejections
 from dstackd.reaper import IdleReaper
 from dstackd.run_limits import retries_on
@@ -52,6 +58,11 @@ NAME_RULE = "1-63 lower-case letters, digits, '-' or '_', starting with a letter
 
 # How long a forced pool delete waits for its instances to terminate.
 POOL_DELETE_TIMEOUT_SECONDS = 120.0
+
+
+def is_privileged(actor: Actor) -> bool:
+    """Return whether the caller is root or the user the daemon runs as."""
+    return actor.uid is not None and actor.uid in (0, os.geteuid())
 
 
 def check_name(kind: str, name: str) -> str:
@@ -121,6 +132,21 @@ class Commands:
             raise NotFoundError("instance", name, "list instances with 'dstackctl pool ps'")
 
         return matches[-1]
+
+    def check_run_access(self, run: Run, actor: Actor) -> None:
+        """Reject a caller who is neither the run's submitter nor privileged.
+
+        Root and the daemon's own user may act on every run; other members
+        of the socket's group only on their own, since a run's output and
+        its stop belong to whoever submitted it.
+        """
+        if is_privileged(actor) or actor.uid == run.uid:
+            return
+
+        raise ForbiddenError(
+            f"run {run.name} belongs to uid {run.uid}; uid {actor.uid} may only "
+            "read and stop its own runs"
+        )
 
     def find_run(self, name: str) -> Run:
         state = self.core.state
@@ -439,6 +465,7 @@ class Commands:
     async def stop_run(self, name: str, abort: bool, actor: Actor) -> str:
         async with self.core.lock:
             run = self.find_run(name)
+            self.check_run_access(run, actor)
             if run.status not in ACTIVE_RUN_STATUSES:
                 return run.id
 

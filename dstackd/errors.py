@@ -32,3 +32,10 @@ class NotFoundError(CommandError):
 class ConflictError(CommandError):
     status = 409
     code = "conflict"
+
+
+class ForbiddenError(CommandError):
+    """The caller may not act on this object: it belongs to another user."""
+
+    status = 403
+    code = "forbidden"

@@ -303,6 +303,7 @@ class Api:
     async def run_logs(self, request: web.Request) -> web.StreamResponse:
         """Send a run's output; with follow, keep sending until the run ends."""
         run = self.commands.find_run(request.match_info["name"])
+        self.commands.check_run_access(run, request["actor"])
         follow = flag(request, "follow")
         offset = int_query(request, "offset", 0)
         path = self.commands.run_files.log_path(run.id)

@@ -21,8 +21,13 @@ from dstackd.backends.ssh import (
     host_offer,
     parse_ssh_target,
 )
-from dstackd.commands import Commands, check_name
-from dstackd.errors import CommandError, ConflictError, InvalidRequestError
+from dstackd.commands import Commands, check_name, is_privileged
+from dstackd.errors import (
+    CommandError,
+    ConflictError,
+    ForbiddenError,
+    InvalidRequestError,
+)
 from dstackd.scheduler import new_instance_id
 from events.event_types import InstanceProvisioned, InstanceRequested
 from events.grammar import parse_duration
@@ -59,6 +64,7 @@ async def add_ssh_hosts(
         ConflictError: a host is already a live instance, or the name is taken.
         HostUnreachableError: a host could not be reached or detected.
     """
+    _check_key_access(request.identity_file, actor)
     targets = _parse_targets(request)
     idle_duration: Duration = "off"
     if request.idle_duration is not None:
@@ -99,6 +105,34 @@ async def add_ssh_hosts(
         )
 
     return instance_ids
+
+
+def _check_key_access(key_path: str | None, actor: Actor) -> None:
+    """Keep a caller from using keys the daemon can read but the caller cannot.
+
+    Root and the daemon's user may name any key, or none (then the daemon's
+    own default keys are tried). Anyone else must name a key file they own,
+    and the answer is the same whether the file is missing or someone else's.
+    """
+    if is_privileged(actor):
+        return
+
+    if not key_path:
+        raise ForbiddenError(
+            "only root or the daemon's user may add hosts with the daemon's own "
+            "keys; pass -i with a private key you own"
+        )
+
+    try:
+        owner = os.stat(key_path).st_uid
+    except OSError:
+        owner = None
+
+    if owner != actor.uid:
+        raise ForbiddenError(
+            f"identity file {key_path} is not a file owned by uid {actor.uid}; "
+            "pass a private key you own"
+        )
 
 
 def _parse_targets(request: api.AddSshHosts) -> list[SshTarget]:
