@@ -246,6 +246,8 @@ def _flag(request: web.Request, name: str) -> bool:
 
     return value in ("true", "1", "yes")
 
+MAX_QUERY_INT = 2**63 - 1
+
 
 def _optional_int_query(request: web.Request, name: str) -> int | None:
     text = request.query.get(name)
@@ -253,11 +255,19 @@ def _optional_int_query(request: web.Request, name: str) -> int | None:
         return None
 
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
+        value = -1
+
+    # SQLite integers and file offsets are signed 64-bit, and none of these
+    # parameters (positions, offsets, times, seconds) is negative.
+    if not 0 <= value <= MAX_QUERY_INT:
         raise InvalidRequestError(
-            f"invalid query parameter {name}={text!r}: expected an integer"
+            f"invalid query parameter {name}={text!r}: expected an integer "
+            f"from 0 to {MAX_QUERY_INT}"
         ) from None
+
+    return value
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:

@@ -83,6 +83,8 @@ def flag(request: web.Request, name: str) -> bool:
 
     return value in ("true", "1", "yes")
 
+MAX_QUERY_INT = 2**63 - 1
+
 
 def int_query(request: web.Request, name: str, default: int) -> int:
     text = request.query.get(name)
@@ -90,11 +92,19 @@ def int_query(request: web.Request, name: str, default: int) -> int:
         return default
 
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
+        value = -1
+
+    # SQLite integers and file offsets are signed 64-bit, and none of these
+    # parameters (positions, offsets, times, seconds) is negative.
+    if not 0 <= value <= MAX_QUERY_INT:
         raise InvalidRequestError(
-            f"invalid query parameter {name}={text!r}: expected an integer"
+            f"invalid query parameter {name}={text!r}: expected an integer "
+            f"from 0 to {MAX_QUERY_INT}"
         ) from None
+
+    return value
 
 
 @web.middleware

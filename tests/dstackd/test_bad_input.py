@@ -112,6 +112,16 @@ SOCKET_CASES = [
         http("GET", "/v1/runs?all=maybe", b""), 400, b"maybe", id="bad-query-flag"
     ),
     pytest.param(b"HELLO THERE\r\n\r\n", 400, b"", id="not-http"),
+    pytest.param(http("GET", "/v1/events?after=-5", b""), 400, b"-5", id="negative-position"),
+    pytest.param(
+        http("GET", "/v1/events?after=99999999999999999999999", b""),
+        400,
+        b"99999999999999999999999",
+        id="position-past-int64",
+    ),
+    pytest.param(
+        http("GET", "/v1/events/replay?position=-1", b""), 400, b"-1", id="negative-replay"
+    ),
 ]
 
 
@@ -184,3 +194,16 @@ def test_second_daemon_on_same_socket_refuses(daemon: DaemonProcess) -> None:
     assert result.returncode != 0
     assert "holds the lock" in result.stderr
     assert daemon.ctl("pool", "list").returncode == 0
+
+
+@pytest.mark.parametrize("offset", ["-1", "99999999999999999999999", "ten"])
+def test_log_offset_rejected_before_streaming(seeded: DaemonProcess, offset: str) -> None:
+    seeded.ctl_ok("run", "--cpu", "1", "--memory", "1GB", "--name", "done", "--", "true")
+
+    code, body = raw_request(
+        seeded.socket, http("GET", f"/v1/runs/done/logs?offset={offset}", b"")
+    )
+
+    assert code == 400
+    assert offset.encode() in body
+    assert b"HTTP/1.1 500" not in body
