@@ -54,6 +54,7 @@ from events.record import NewEvent
 log = structlog.get_logger("dstackd.commands")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ID_SHAPED = re.compile(r"^[ir]-[0-9a-f]{12}$")
 NAME_RULE = "1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit"
 
 # How long a forced pool delete waits for its instances to terminate.
@@ -68,6 +69,12 @@ def is_privileged(actor: Actor) -> bool:
 def check_name(kind: str, name: str) -> str:
     if not _NAME.match(name):
         raise InvalidRequestError(f"invalid {kind} name {name!r}: expected {NAME_RULE}")
+
+    if _ID_SHAPED.match(name):
+        raise InvalidRequestError(
+            f"invalid {kind} name {name!r}: names shaped like instance or run ids "
+            "(i-… or r-… with 12 hex digits) would make lookups ambiguous"
+        )
 
     return name
 

@@ -47,6 +47,14 @@ def resolve_request(request: api.SubmitRun) -> api.SubmitRun:
         NotFoundError: ``profile`` names no profile in the files sent.
     """
     if request.config is None and not request.profiles:
+        if request.profile is not None:
+            raise NotFoundError(
+                "profile",
+                request.profile,
+                "no profiles.yml was found in .dstack/ of the working directory "
+                "or in ~/.dstack/",
+            )
+
         return request
 
     merged = api.SubmitRun()
@@ -184,6 +192,42 @@ def _merge_probe(lower: api.ProbeArgs | None, upper: api.ProbeArgs) -> api.Probe
 # The RunSpec
 
 
+# Limit on the bytes of a run's argv, commands and init lines together. They
+# are stored in the event log for good, and Linux rejects an argv much larger.
+MAX_COMMAND_BYTES = 128 * 1024
+
+
+def _check_command_text(request: api.SubmitRun) -> None:
+    """Reject text no process can take: NUL bytes, relative or oversized paths."""
+    fields = {
+        "argv": list(request.argv),
+        "commands": list(request.commands),
+        "init": list(request.init),
+        "env": [*request.env, *request.env.values()],
+        "working_dir": [request.working_dir or ""],
+    }
+    for field, values in fields.items():
+        for value in values:
+            if "\0" in value:
+                raise InvalidRequestError(
+                    f"invalid {field} {value!r}: it contains a NUL byte, which no "
+                    "process argument, variable or path can hold"
+                )
+
+    size = sum(len(text.encode()) for text in [*request.argv, *request.commands, *request.init])
+    if size > MAX_COMMAND_BYTES:
+        raise InvalidRequestError(
+            f"the run's command is {size} bytes, more than the {MAX_COMMAND_BYTES} "
+            "allowed; put long scripts in a file and run that"
+        )
+
+    working_dir = request.working_dir
+    if working_dir is not None and not working_dir.startswith("/"):
+        raise InvalidRequestError(
+            f"invalid working directory {working_dir!r}: expected an absolute path"
+        )
+
+
 def build_run_spec(request: api.SubmitRun) -> RunSpec:
     """Check a resolved request and build its ``RunSpec``.
 
@@ -194,6 +238,7 @@ def build_run_spec(request: api.SubmitRun) -> RunSpec:
     """
     run_type = _check_type(request)
     _check_env_names(request.env)
+    _check_command_text(request)
     port = request.port
     if run_type == "service" and port is None:
         raise InvalidRequestError("a service needs a port: set port in its file")

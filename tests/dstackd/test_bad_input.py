@@ -40,6 +40,16 @@ CLI_CASES = [
     pytest.param(["run", "--gpu", "A100:2:4", "--", "true"], USAGE, "A100:2:4", id="run-two-counts"),
     pytest.param(["run", "-e", "1X=2", "--", "true"], USAGE, "1X", id="run-bad-env-name"),
     pytest.param(["run", "--reuse", "--", "true"], FAILED, "--reuse", id="reuse-without-instance"),
+    pytest.param(
+        ["run", "--name", "r-0123456789ab", "--", "true"], USAGE, "r-0123456789ab", id="id-shaped-run"
+    ),
+    pytest.param(
+        ["pool", "add", "-y", "--cpu", "1", "--memory", "1GB", "--name", "i-0123456789ab"],
+        USAGE,
+        "i-0123456789ab",
+        id="id-shaped-instance",
+    ),
+    pytest.param(["run", "--profile", "nosuch", "--", "true"], NOT_FOUND, "nosuch", id="unknown-profile"),
     pytest.param(["logs", "nosuch"], NOT_FOUND, "nosuch", id="logs-unknown-run"),
     pytest.param(["stop", "nosuch"], NOT_FOUND, "nosuch", id="stop-unknown-run"),
 ]
@@ -113,6 +123,27 @@ SOCKET_CASES = [
     ),
     pytest.param(b"HELLO THERE\r\n\r\n", 400, b"", id="not-http"),
     pytest.param(http("GET", "/v1/events?after=-5", b""), 400, b"-5", id="negative-position"),
+    pytest.param(
+        http("POST", "/v1/runs", b'{"argv": ["true"], "working_dir": "rel/dir"}'),
+        400,
+        b"rel/dir",
+        id="relative-working-dir",
+    ),
+    pytest.param(
+        http("POST", "/v1/runs", b'{"argv": ["a\\u0000b"]}'), 400, b"NUL", id="nul-in-argv"
+    ),
+    pytest.param(
+        http("POST", "/v1/runs", b'{"argv": ["true"], "env": {"A": "x\\u0000y"}}'),
+        400,
+        b"NUL",
+        id="nul-in-env",
+    ),
+    pytest.param(
+        http("POST", "/v1/runs", b'{"argv": ["' + b"x" * 200_000 + b'"]}'),
+        400,
+        b"allowed",
+        id="huge-argv",
+    ),
     pytest.param(
         http("GET", "/v1/events?after=99999999999999999999999", b""),
         400,
