@@ -40,14 +40,17 @@ from events.log_reader import (
     SCHEMA,
     SCHEMA_VERSION,
     SELECT_ROWS,
+    ChainBreak,
     CheckedRecord,
     LogSchemaError,
     Row,
     SnapshotChunk,
     SnapshotHeader,
     VerifyResult,
+    blob_problem,
     check_rows,
     check_schema,
+    decode_text,
     newest_valid_snapshot,
     repair_hint,
     verify_connection,
@@ -309,6 +312,7 @@ class EventLog:
                 _as_uri(path, "ro"), uri=True, timeout=30.0, isolation_level=None
             )
             await reader.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+            reader.text_factory = decode_text
         except BaseException:
             # aiosqlite's threads are not daemon threads: an unclosed connection
             # keeps the process from exiting.
@@ -726,6 +730,14 @@ class EventLog:
         previous_head = self._head_position
         if rows:
             position, head_hash, body = rows[0]
+            problem = blob_problem("hash", head_hash)
+            if problem is not None:
+                self._broken = LogCorruptedError(
+                    self._path, position, problem, repair_hint(self._path)
+                )
+                logger.error("log_reload_failed", path=self._path, error=problem)
+                return
+
             self._head_position = position
             self._head_hash = head_hash
             self._last_recorded_at = max(
@@ -785,8 +797,7 @@ class EventLog:
             if verify:
                 checked, broken = check_rows(rows, position, previous_hash)
             else:
-                checked = [(decode_body(row[3]), row[3], row[4]) for row in rows]
-                broken = None
+                checked, broken = _decode_rows(rows)
 
             if checked:
                 yield checked
@@ -871,6 +882,12 @@ class EventLog:
     async def _start_hash(self, after: int) -> bytes:
         start_hash = await self.record_hash(after)
         if start_hash is not None:
+            problem = blob_problem("hash", start_hash)
+            if problem is not None:
+                raise LogCorruptedError(
+                    self._path, after, problem, repair_hint(self._path)
+                )
+
             return start_hash
 
         if after >= self._head_position:
@@ -968,6 +985,21 @@ class _GroupBuilder:
         return rows, records
 
 
+def _decode_rows(rows: list[Row]) -> tuple[list[CheckedRecord], ChainBreak | None]:
+    """Decode rows without checking the chain, up to the first body or hash
+    that is not a BLOB, because readers send bodies on as bytes and chain from
+    the hashes."""
+    decoded: list[CheckedRecord] = []
+    for position, _, _, body, stored_hash in rows:
+        problem = blob_problem("body", body) or blob_problem("hash", stored_hash)
+        if problem is not None:
+            return decoded, ChainBreak(position, problem)
+
+        decoded.append((decode_body(body), body, stored_hash))
+
+    return decoded, None
+
+
 # File-level work that runs in worker threads on its own stdlib connection.
 
 
@@ -1003,6 +1035,7 @@ def _prepare_file(path: str, create: bool) -> _FileState:
     connection = sqlite3.connect(
         _as_uri(path, "rwc" if create else "rw"), uri=True, isolation_level=None
     )
+    connection.text_factory = decode_text
     try:
         _create_schema(connection, path)
 
@@ -1050,6 +1083,7 @@ def _create_schema(connection: sqlite3.Connection, path: str) -> None:
 
 def _verify_file(path: str) -> VerifyResult:
     connection = sqlite3.connect(_as_uri(path, "ro"), uri=True, isolation_level=None)
+    connection.text_factory = decode_text
     try:
         return verify_connection(connection)
     finally:
@@ -1075,6 +1109,7 @@ def repair_file(path: str) -> RepairResult:
         raise FileNotFoundError(f"event log {path} not found")
 
     connection = sqlite3.connect(_as_uri(path, "rw"), uri=True, isolation_level=None)
+    connection.text_factory = decode_text
     try:
         check_schema(connection, path)
         # Hold the write lock from the check through the delete, so that the

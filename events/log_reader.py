@@ -30,7 +30,7 @@ SCHEMA_VERSION = 1
 # headers of a 100 MB snapshot took 85 ms with ``state`` in the middle. For the
 # same reason ``entries``, the larger part of an archive chunk, comes last.
 #
-# ``snapshot_chunks`` holds the archive of ended runs and instances that
+# ``snapshot_chunks`` contains the archive of ended runs and instances that
 # snapshots refer to (see ``events.snapshot``). A chunk is stored once, by the
 # snapshot at ``position``, and ``last_position`` is the newest snapshot that
 # refers to it; one older than every kept snapshot is deleted. Readers treat a
@@ -144,8 +144,33 @@ class ChainBreak(msgspec.Struct, frozen=True):
 
 _decode_record = msgspec.json.Decoder(Record).decode
 
+# SQLite storage class of each Python type that ``sqlite3`` returns. A column
+# declared BLOB still stores any class, e.g. after ``CAST(body AS TEXT)``.
+_STORAGE_CLASSES = {bytes: "BLOB", str: "TEXT", int: "INTEGER", float: "REAL"}
+
 Row = tuple[int, str, int, bytes, bytes]
 CheckedRecord = tuple[Record, bytes, bytes]
+
+
+def blob_problem(column: str, value: object) -> str | None:
+    """Return why ``value``, read from ``column``, is not a BLOB, or None."""
+    if isinstance(value, bytes):
+        return None
+
+    storage_class = _STORAGE_CLASSES.get(type(value), "NULL")
+
+    return f"{column} is stored as {storage_class}, expected BLOB"
+
+
+def decode_text(data: bytes) -> str:
+    """Decode a TEXT value as UTF-8, keeping invalid bytes as surrogates.
+
+    Every connection that reads a log uses this as its ``text_factory``,
+    because ``sqlite3``'s default raises on TEXT that is not UTF-8, such as a
+    hash rewritten by ``CAST(hash AS TEXT)``, and a check could then not name
+    the position of that record.
+    """
+    return data.decode("utf-8", "surrogateescape")
 
 
 def check_rows(
@@ -153,9 +178,10 @@ def check_rows(
 ) -> tuple[list[CheckedRecord], ChainBreak | None]:
     """Check consecutive ``events`` rows that follow ``position``.
 
-    A row passes when its position is the next one, its stored hash is
-    SHA-256 of ``previous_hash`` and its body, and the body decodes to a
-    record whose position, stream and version equal the row's columns.
+    A row passes when its position is the next one, its body and hash are
+    BLOBs, its stored hash is SHA-256 of ``previous_hash`` and its body, and
+    the body decodes to a record whose position, stream and version equal the
+    row's columns. ``previous_hash`` must be bytes.
 
     Returns:
         The ``(record, body, hash)`` of every row before the first failure,
@@ -171,9 +197,19 @@ def check_rows(
             problem = f"record is missing (the next stored position is {row_position})"
             return checked, ChainBreak(position, problem)
 
-        digest = sha256(previous_hash + body).digest()
-        if digest != stored_hash:
-            problem = "stored hash differs from SHA-256 of the previous hash and body"
+        # A body or hash of another storage class fails one of these two
+        # steps, so the hot path checks no types.
+        try:
+            digest = sha256(previous_hash + body).digest()
+        except TypeError:
+            digest = None
+
+        if digest is None or digest != stored_hash:
+            problem = (
+                blob_problem("body", body)
+                or blob_problem("hash", stored_hash)
+                or "stored hash differs from SHA-256 of the previous hash and body"
+            )
             return checked, ChainBreak(position, problem)
 
         try:
@@ -385,6 +421,7 @@ class LogReader:
 
         try:
             connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+            connection.text_factory = decode_text
             try:
                 connection.execute("PRAGMA query_only = ON")
                 # Reading through a memory map instead of one read() call per
@@ -478,7 +515,12 @@ class LogReader:
         decode = _decode_record
         while rows := cursor.fetchmany(CHUNK_ROWS):
             for body, stored_hash in rows:
-                digest = sha256(previous_hash + body).digest()
+                try:
+                    digest = sha256(previous_hash + body).digest()
+                except TypeError:
+                    # The body is not a BLOB, and ``check_rows`` names that.
+                    self._raise_break(position, previous_hash)
+
                 if digest != stored_hash:
                     self._raise_break(position, previous_hash)
 
@@ -557,6 +599,12 @@ class LogReader:
     def _start_hash(self, after: int) -> bytes:
         start_hash = read_record_hash(self._connection, after)
         if start_hash is not None:
+            problem = blob_problem("hash", start_hash)
+            if problem is not None:
+                raise LogCorruptedError(
+                    self._path, after, problem, repair_hint(self._path)
+                )
+
             return start_hash
 
         head_position, head_hash = read_head(self._connection)

@@ -489,7 +489,61 @@ def _change_stream_column(path: str) -> None:
     execute(path, "UPDATE events SET stream = 'pool/other' WHERE position = 3")
 
 
+def _store_as(column: str, expression: str, position: int) -> Callable[[str], None]:
+    """Return a corruption that sets ``column`` to ``expression`` at ``position``.
+
+    A column declared BLOB does not stop SQLite from storing TEXT or INTEGER.
+    """
+    statement = f"UPDATE events SET {column} = {expression} WHERE position = ?"
+
+    def corrupt(path: str) -> None:
+        execute(path, statement, (position,))
+
+    return corrupt
+
+
+# Each case: a change of a column's storage class, its position and the problem.
+STORAGE_CLASS_CORRUPTIONS = [
+    pytest.param(
+        _store_as("body", "CAST(body AS TEXT)", 3),
+        3,
+        "body is stored as TEXT, expected BLOB",
+        id="body-text",
+    ),
+    pytest.param(
+        _store_as("body", "CAST(body AS TEXT)", 5),
+        5,
+        "body is stored as TEXT, expected BLOB",
+        id="last-body-text",
+    ),
+    pytest.param(
+        _store_as("body", "length(body)", 3),
+        3,
+        "body is stored as INTEGER, expected BLOB",
+        id="body-integer",
+    ),
+    pytest.param(
+        _store_as("hash", "CAST(hash AS TEXT)", 3),
+        3,
+        "hash is stored as TEXT, expected BLOB",
+        id="hash-text-not-utf8",
+    ),
+    pytest.param(
+        _store_as("hash", "hex(hash)", 3),
+        3,
+        "hash is stored as TEXT, expected BLOB",
+        id="hash-hex-text",
+    ),
+    pytest.param(
+        _store_as("hash", "CAST(hash AS TEXT)", 1),
+        1,
+        "hash is stored as TEXT, expected BLOB",
+        id="first-hash-text",
+    ),
+]
+
 CORRUPTIONS = [
+    *STORAGE_CLASS_CORRUPTIONS,
     pytest.param(_flip_body, 3, "stored hash differs", id="flipped-byte"),
     pytest.param(_truncate_last_body, 5, "stored hash differs", id="truncated-last"),
     pytest.param(_delete_middle_record, 3, "record is missing", id="deleted-middle"),
@@ -544,6 +598,100 @@ class TestCorruption:
 
         with pytest.raises(LogSchemaError, match="cannot use .* as an event log"):
             await EventLog.open(log_path)
+
+
+class TestStorageClass:
+    """Reads of a record whose body or hash is not a BLOB, before the snapshot
+    that the open-time check starts from, so only the read finds it."""
+
+    @pytest.fixture
+    async def snapshotted(self, log_path: str) -> str:
+        async with await EventLog.open(log_path) as log:
+            await append_pools(log, 5)
+            record_hash = await log.record_hash(5)
+            assert record_hash is not None
+            await log.store_snapshot(5, record_hash, b"s", b"h", keep=1)
+
+        return log_path
+
+    @pytest.mark.parametrize("verify", [True, False])
+    @pytest.mark.parametrize(
+        ("corrupt", "position", "problem"), STORAGE_CLASS_CORRUPTIONS
+    )
+    async def test_read_raises_corrupted(
+        self,
+        snapshotted: str,
+        corrupt: Callable[[str], None],
+        position: int,
+        problem: str,
+        verify: bool,
+    ) -> None:
+        corrupt(snapshotted)
+
+        async with await EventLog.open(snapshotted) as log:
+            with pytest.raises(LogCorruptedError) as raised:
+                [record async for record in log.read(verify=verify)]
+
+        assert raised.value.position == position
+        assert raised.value.problem == problem
+        assert "dstackd repair-log --data-dir" in str(raised.value)
+
+    async def test_read_after_text_hash_raises(self, snapshotted: str) -> None:
+        _store_as("hash", "hex(hash)", 3)(snapshotted)
+
+        async with await EventLog.open(snapshotted) as log:
+            with pytest.raises(LogCorruptedError) as raised:
+                [record async for record in log.read(3, verify=True)]
+
+        assert raised.value.position == 3
+        assert raised.value.problem == "hash is stored as TEXT, expected BLOB"
+
+    async def test_reload_after_failure_stops_appends(
+        self, log: EventLog, log_path: str
+    ) -> None:
+        await append_pools(log, 2)
+        _store_as("hash", "hex(hash)", 2)(log_path)
+        execute(
+            log_path,
+            "CREATE TRIGGER reject_all BEFORE INSERT ON events"
+            " BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        )
+        with pytest.raises(AppendFailedError):
+            await log.append([pool_event("first")], ALICE)
+
+        execute(log_path, "DROP TRIGGER reject_all")
+
+        with pytest.raises(AppendFailedError) as raised:
+            await log.append([pool_event("second")], ALICE)
+
+        assert isinstance(raised.value.__cause__, LogCorruptedError)
+        assert raised.value.__cause__.position == 2
+        assert raised.value.__cause__.problem == (
+            "hash is stored as TEXT, expected BLOB"
+        )
+
+    @pytest.mark.parametrize(
+        ("corrupt", "position", "problem"), STORAGE_CLASS_CORRUPTIONS
+    )
+    async def test_repair_cuts_at_the_record(
+        self,
+        log_path: str,
+        corrupt: Callable[[str], None],
+        position: int,
+        problem: str,
+    ) -> None:
+        async with await EventLog.open(log_path) as log:
+            await append_pools(log, 5)
+
+        corrupt(log_path)
+
+        result = await repair(log_path)
+
+        assert result.bad_position == position
+        assert result.removed == 5 - position + 1
+        async with await EventLog.open(log_path) as log:
+            assert log.head_position == position - 1
+            assert (await log.verify()).ok
 
 
 class TestRepair:

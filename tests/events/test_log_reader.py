@@ -3,6 +3,7 @@
 import os
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from events.log_reader import LogReader, LogSchemaError
 from events.model import DAEMON_ACTOR
 from events.record import GENESIS_HASH, Record
 from tests.events.log_fixtures import execute, flip_byte, pool_event
+from tests.events.test_log import STORAGE_CLASS_CORRUPTIONS
 
 
 @pytest.fixture
@@ -209,6 +211,73 @@ class TestRecords:
             assert reader.head() == (0, GENESIS_HASH)
             assert list(reader.records()) == []
             assert reader.verify().ok
+
+
+class TestStorageClass:
+    """A body or hash that is not a BLOB is a changed record at its position."""
+
+    @pytest.mark.parametrize(
+        ("corrupt", "position", "problem"), STORAGE_CLASS_CORRUPTIONS
+    )
+    async def test_verify_names_the_record(
+        self,
+        log_dir: Path,
+        corrupt: Callable[[str], None],
+        position: int,
+        problem: str,
+    ) -> None:
+        path = str(log_dir / "events.db")
+        await write_log(path, 5)
+        corrupt(path)
+
+        with LogReader.open(path) as reader:
+            result = reader.verify()
+
+        assert not result.ok
+        assert result.bad_position == position
+        assert result.count == position - 1
+        assert result.problem == problem
+
+    @pytest.mark.parametrize("method", ["records", "records_with_hashes"])
+    @pytest.mark.parametrize(
+        ("corrupt", "position", "problem"), STORAGE_CLASS_CORRUPTIONS
+    )
+    async def test_read_raises_corrupted(
+        self,
+        log_dir: Path,
+        corrupt: Callable[[str], None],
+        position: int,
+        problem: str,
+        method: str,
+    ) -> None:
+        path = str(log_dir / "events.db")
+        await write_log(path, 5)
+        corrupt(path)
+        seen: list[int] = []
+
+        with LogReader.open(path) as reader, pytest.raises(LogCorruptedError) as raised:
+            for item in getattr(reader, method)():
+                record = item[0] if isinstance(item, tuple) else item
+                seen.append(record.position)
+
+        assert seen == list(range(1, position))
+        assert raised.value.position == position
+        assert raised.value.problem == problem
+        assert "dstackd repair-log --data-dir" in str(raised.value)
+
+    @pytest.mark.parametrize("method", ["records", "records_with_hashes"])
+    async def test_read_after_text_hash_raises(
+        self, log_dir: Path, method: str
+    ) -> None:
+        path = str(log_dir / "events.db")
+        await write_log(path, 5)
+        execute(path, "UPDATE events SET hash = hex(hash) WHERE position = 3")
+
+        with LogReader.open(path) as reader, pytest.raises(LogCorruptedError) as raised:
+            list(getattr(reader, method)(after=3))
+
+        assert raised.value.position == 3
+        assert raised.value.problem == "hash is stored as TEXT, expected BLOB"
 
 
 class TestOpenErrors:
