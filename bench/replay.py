@@ -9,10 +9,10 @@ Steps, on a new file in a temporary directory:
 2. replay it: ``LogReader.records(verify=True)`` folded through
    ``events.projection.replay``, timed, and the same read without the fold to
    show how the time splits between reading and folding;
-3. save a snapshot at the head through ``EventLog`` (the first one, which
-   archives every ended run and instance), append a tail of 1,000 more
-   events while a second task appends too, and save a second snapshot
-   meanwhile, timing how long the appends waited for it;
+3. save a snapshot at the head through ``EventLog``, the first one, which
+   archives every ended run and instance. Then append a tail of 1,000 more
+   events and save a second snapshot halfway, while another task appends,
+   timing how long those appends waited;
 4. time what a daemon start costs: ``EventLog.open`` (which verifies the
    chain after the snapshot) plus ``load_state`` (snapshot plus tail).
 
@@ -235,7 +235,7 @@ async def snapshot_and_tail(
     """Save a snapshot of ``state``, append ``tail``; return the open time in s.
 
     Halfway through the tail, a second snapshot is saved while another task
-    keeps appending, as the daemon's snapshot task does; the longest wait of
+    keeps appending, as the daemon's snapshot task does. The longest wait of
     those appends is printed.
     """
     started = time.perf_counter()

@@ -10,8 +10,8 @@ only those, so a save costs what changed, not the whole history.
 
 Loading takes the newest snapshot whose record hash and state hash match the
 log, decodes the hot part and applies the records after it. The daemon's
-``load_state`` leaves the chunks unread: the state reads them from the file
-when something asks for history, and checks their hashes then. Offline tools
+``load_state`` leaves the chunks unread. The state reads them from the file
+when something reads history, and checks their hashes then. Offline tools
 (``load_state_offline``) and ``decode_snapshot`` read and check every chunk at
 once. Snapshots of another format are skipped with a warning.
 """
@@ -83,7 +83,7 @@ _entries_decoders = {
 
 
 class SnapshotInvalidError(ValueError):
-    """A stored snapshot cannot be used; ``problem`` says why."""
+    """A stored snapshot cannot be used, for the reason in ``problem``."""
 
     def __init__(self, problem: str) -> None:
         self.problem = problem
@@ -116,8 +116,8 @@ async def save_snapshot(
     """Store ``state`` as a snapshot at ``state.checkpoint``.
 
     The state is encoded before the first ``await``, so the snapshot is
-    consistent even while other tasks keep folding records into ``state``;
-    the caller needs no lock for it, and appends wait only for the write of
+    consistent even while other tasks keep folding records into ``state``.
+    The caller needs no lock for it, and appends wait only for the write of
     the snapshot's transaction. Encoding moves the runs and instances that
     ended since the last snapshot into the state's archive, which changes
     none of its content. For the 1,000,000 records of bench/replay.py, the
@@ -182,6 +182,14 @@ def prepare_snapshot(state: State) -> PreparedSnapshot:
     snapshot whose write failed) get new references at the state's
     checkpoint and are encoded as new rows.
     """
+    for kind, entries in (("run", state.runs.hot), ("instance", state.instances.hot)):
+        for key, entry in entries.items():
+            if key != entry.id:
+                raise ValueError(
+                    f"cannot snapshot {kind} key {key!r}, whose entry has id "
+                    f"{entry.id!r}; a snapshot stores entries by their ids"
+                )
+
     position = state.checkpoint
     state.runs.archive_ended(is_ended_run)
     state.instances.archive_ended(is_ended_instance)
@@ -222,11 +230,6 @@ def prepare_snapshot(state: State) -> PreparedSnapshot:
         refs_by_kind["runs"],
         refs_by_kind["instances"],
     )
-    if any(key != run.id for key, run in state.runs.hot.items()) or any(
-        key != instance.id for key, instance in state.instances.hot.items()
-    ):
-        raise ValueError("cannot snapshot a state whose keys differ from entry ids")
-
     return PreparedSnapshot(
         position, state.head_hash, _encoder.encode(data), chunks, chunk_refs, new_refs
     )
@@ -261,9 +264,9 @@ async def load_state(log: "EventLog") -> State:
     A snapshot that does not match the log, fails its state hash or does not
     decode is skipped with a warning, and the next older one is tried. With
     none left, the whole log is replayed. The tail's chain is verified. The
-    snapshot's archive chunks are read from the file on first use; a chunk
-    that fails its hash then is rebuilt from a replay of the log, with a
-    warning.
+    snapshot's archive chunks are read from the file on first use. When a
+    chunk fails its hash then, the archive is rebuilt from a replay of the log,
+    with a warning.
 
     Raises:
         LogCorruptedError: a record after the chosen snapshot is bad.
