@@ -122,6 +122,7 @@ class RunHandle(msgspec.Struct, frozen=True):
     pid_start_time: int
     log_path: str
     run_dir: str
+    task_pgid: int = 0
 
 
 class _SpawnReply(msgspec.Struct, frozen=True):
@@ -254,6 +255,7 @@ class LocalRunner:
             run_id=launch.run_id,
             pid=reply.pid,
             pid_start_time=reply.start_time,
+            task_pgid=reply.task_pid,
             log_path=os.path.join(launch.run_dir, OUTPUT_LOG_FILE),
             run_dir=launch.run_dir,
         )
@@ -273,6 +275,7 @@ class LocalRunner:
 
         status = read_exit_status(handle.run_dir)
         if status is None:
+            _kill_orphaned_task(handle)
             raise RunLostError(
                 handle.run_id,
                 f"supervisor process {handle.pid} exited without writing "
@@ -301,6 +304,7 @@ class LocalRunner:
             pid_start_time=pid_start_time,
             log_path=os.path.join(run_dir, OUTPUT_LOG_FILE),
             run_dir=run_dir,
+            task_pgid=_find_task_group(pid),
         )
 
     async def stop(
@@ -492,6 +496,42 @@ def _spawn_request(launch: RunLaunch) -> bytes:
     }
 
     return msgspec.json.encode(request) + b"\n"
+
+
+def _find_task_group(supervisor_pid: int) -> int:
+    """Return the task's process group: the supervisor's child that leads one."""
+    for pid in spawner.descendant_pids(supervisor_pid):
+        try:
+            if os.getpgid(pid) == pid:
+                return pid
+        except ProcessLookupError:
+            continue
+
+    return 0
+
+
+def _kill_orphaned_task(handle: RunHandle) -> None:
+    """Kill the task group of a supervisor that died, so the run stops with it.
+
+    The group is killed only if its leader started after the supervisor, so a
+    group id reused by an unrelated process is left alone.
+    NOTE: descendants that left the task's group are not found here, since
+    the dead supervisor was the one that tracked them.
+    """
+    pgid = handle.task_pgid
+    if pgid <= 0:
+        return
+
+    started = read_start_time(pgid)
+    if started is None or started < handle.pid_start_time:
+        return
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+
+    log.warning("orphaned_task_killed", run_id=handle.run_id, pgid=pgid)
 
 
 def _open_pidfd(handle: RunHandle) -> int | None:

@@ -275,3 +275,30 @@ def test_burst_of_runs_never_overcommits(short_tmp: Path, burst: int) -> None:
     finally:
         daemon.stop_active_runs()
         daemon.stop()
+
+
+def test_run_whose_supervisor_dies_is_killed(daemon: DaemonProcess, short_tmp: Path) -> None:
+    add_instance(daemon)
+    pid_file = short_tmp / "task.pid"
+    script = f"echo $$ > {pid_file}; kill -9 $PPID; sleep 300"
+
+    daemon.ctl("run", "--cpu", "1", "--memory", "1GB", "--name", "escape",
+               "--", "sh", "-c", script)
+
+    view = wait_run_ended(daemon, "escape")
+    assert view["status"] == "failed"
+    assert "exit status" in view["reason"] or "lost" in view["reason"]
+    task = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(task):
+        assert time.monotonic() < deadline, "the task outlived its supervisor"
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+
+    return state != "Z"
