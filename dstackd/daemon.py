@@ -71,6 +71,7 @@ class Daemon:
                 lock.release()
 
     async def _serve_locked(self, listening: socket.socket | None) -> None:
+        restrict_log_files(self.paths.log_db)
         event_log = await EventLog.open(self.paths.log_db)
         try:
             state = await load_state(event_log)
@@ -313,6 +314,22 @@ class Daemon:
             await save_snapshot(core.log, core.state)
 
             log.info("snapshot_saved", position=core.state.checkpoint)
+
+
+def restrict_log_files(path: str) -> None:
+    """Make the log and its WAL files readable by the daemon's user alone.
+
+    SQLite creates the -wal and -shm files with the database file's mode, so
+    creating that file 0600 first covers them too, whatever the umask or the
+    data directory's mode.
+    """
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(descriptor)
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.chmod(path + suffix, 0o600)
+        except FileNotFoundError:
+            continue
 
 
 async def _wait_for_signal() -> None:

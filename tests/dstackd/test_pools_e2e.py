@@ -302,3 +302,19 @@ def _alive(pid: int) -> bool:
         return False
 
     return state != "Z"
+
+
+def test_log_files_private_in_open_data_dir(short_tmp: Path) -> None:
+    daemon = DaemonProcess(short_tmp)
+    daemon.data_dir.mkdir(mode=0o755)
+    os.chmod(daemon.data_dir, 0o755)
+    daemon.start()
+    try:
+        daemon.ctl_ok("pool", "create", "main")
+
+        log_files = [p for p in daemon.data_dir.iterdir() if p.name.startswith("events.db")]
+        assert {p.name for p in log_files} >= {"events.db", "events.db-wal"}
+        for path in log_files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    finally:
+        daemon.stop()
