@@ -461,8 +461,9 @@ class Commands:
         )
         placement = choose_instance(self.core.state, probe)
         if placement.instance_id is None and not placement.wait:
+            option = "--instance" if spec.instance is not None else "--reuse"
             raise ConflictError(
-                f"no instance in pool {pool} fits this run and --reuse forbids "
+                f"no instance in pool {pool} fits this run, and {option} forbids "
                 f"provisioning one: {describe_rejections(placement.candidates)}"
             )
 
