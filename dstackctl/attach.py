@@ -6,6 +6,10 @@ on which the run's own process serves shells (see
 of the shell's pseudo-terminal as an ``SCM_RIGHTS`` file descriptor, and
 copies bytes between it and this terminal, in raw mode when stdin is a
 terminal. The exit code is the shell's.
+
+For a run on an SSH host the daemon returns a login instead, and
+``dstackctl/ssh_attach.py`` opens the shell and forwards the ports with the
+OpenSSH client.
 """
 
 import json
@@ -17,7 +21,7 @@ from typing import Any
 
 import click
 
-from dstackctl import exit_codes
+from dstackctl import exit_codes, ssh_attach
 from dstackctl.client import Client, ClientError, api_path
 
 # How often a connect is tried again while the dev environment runs its init.
@@ -33,22 +37,58 @@ class AttachError(ClientError):
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
+@click.option(
+    "-p",
+    "--port",
+    "port_mappings",
+    multiple=True,
+    metavar="LOCAL:REMOTE",
+    help="Forward the run's port REMOTE to port LOCAL of this machine "
+    "(remote instances only; by default each port keeps its number).",
+)
 @click.argument("run_name", metavar="RUN")
 @click.argument("command", nargs=-1)
 @click.pass_obj
-def attach(client: Client, run_name: str, command: tuple[str, ...]) -> int:
+def attach(
+    client: Client,
+    port_mappings: tuple[str, ...],
+    run_name: str,
+    command: tuple[str, ...],
+) -> int:
     """Open a shell in the dev environment RUN, or run COMMAND there.
 
     The shell has the run's variables, working directory, CPUs and GPUs, and
     it ends when the run is stopped. For a service or a task with ports, this
     prints where the ports are reached; on this machine they need no
-    forwarding.
+    forwarding. On a remote instance the shell is opened with the OpenSSH
+    client, which forwards the run's ports to this machine for as long as it
+    is attached (until Ctrl-C for a run without a shell).
     """
     if command[:1] == ("--",):
         # Options end at RUN, so click passes on a "--" written after it.
         command = command[1:]
 
+    mappings = [ssh_attach.parse_port_mapping(text) for text in port_mappings]
     target = client.request("POST", api_path("runs", run_name, "attach"))
+    if target.get("method") == "ssh":
+        forwards = ssh_attach.remote_forwards(target.get("ports") or [], mappings)
+        ssh_attach.describe_forwards(target, forwards)
+        if target.get("shell_command") is None and not forwards:
+            raise AttachError(
+                f"run {target['run']} is a {target['type']} without ports; only dev "
+                f"environments open shells (follow its output with 'dstackctl "
+                f"logs -f {run_name}')"
+            )
+
+        return ssh_attach.attach_over_ssh(target, forwards, list(command))
+
+    if mappings:
+        raise click.BadParameter(
+            f"run {target['run']} is on this machine, where its ports need no "
+            "forwarding",
+            param_hint="'-p' / '--port'",
+        )
+
     for port in target.get("ports") or []:
         click.echo(
             f"Port {port} of run {target['run']} is on this machine at "

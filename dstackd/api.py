@@ -252,12 +252,33 @@ class RunView(msgspec.Struct, frozen=True):
     history: list[AttemptView] = []
 
 
+class SshAccess(msgspec.Struct, frozen=True):
+    """How a client logs in to a run's host with OpenSSH.
+
+    ``key_path`` is a path on the daemon's machine, empty for the client's
+    default keys. ``host_key`` is the host's public key in OpenSSH format,
+    pinned when the host was added, or empty when none was pinned.
+    """
+
+    host: str
+    port: int
+    user: str
+    key_path: str = ""
+    host_key: str = ""
+
+
 class AttachTarget(msgspec.Struct, frozen=True):
     """How ``dstackctl attach`` reaches a run.
 
     ``method`` is ``local`` for runs on this machine: ports are reachable on
     ``host`` as they are, and ``socket`` (an abstract Unix socket name, or
     ``None`` for runs other than dev environments) serves shells in the run.
+
+    ``method`` is ``ssh`` for runs on a remote host: ``ssh`` says how to log
+    in, ports are forwarded over that login, and for a dev environment
+    ``shell_command`` is the remote command line that opens a shell in the
+    run. The argv of a command to run in place of the shell is appended to
+    it, quoted for ``sh``.
     """
 
     run: str
@@ -269,6 +290,8 @@ class AttachTarget(msgspec.Struct, frozen=True):
     ports: list[int] = []
     url: str | None = None
     socket: str | None = None
+    ssh: SshAccess | None = None
+    shell_command: str | None = None
 
 
 class EventView(msgspec.Struct, frozen=True):

@@ -11,6 +11,10 @@ Design: the client receives the master side of a pseudo-terminal whose shell
 the dev environment process forked, so the shell is part of the run's process
 tree: it has the run's variables, working directory, CPU affinity and GPUs,
 and it ends when the run is stopped, whoever started it.
+
+A run on an SSH host gets method ``ssh`` instead: the host's login from the
+instance's ``backend_data`` and, for a dev environment, the remote command
+that opens a shell in the run (``dstackd/ssh_attach.py``).
 """
 
 import os
@@ -20,11 +24,13 @@ from pathlib import Path
 
 import msgspec
 
-from dstackd import api, dev_environment
+from dstackd import api, dev_environment, ssh_attach
+from dstackd.backends.base import BackendError
+from dstackd.backends.ssh import SshTarget
 from dstackd.errors import ConflictError, InvalidRequestError
 from dstackd.runner import RunLaunch
 from events.model import Actor
-from events.projection import Run, State
+from events.projection import Instance, Run, State
 
 ATTACH_SOCKET_FILE = "attach_socket"
 LOCAL_HOST = "127.0.0.1"
@@ -50,8 +56,8 @@ def dev_environment_launch(launch: RunLaunch, run: Run) -> RunLaunch:
     if run.spec.init:
         argv += ["--init", "\n".join(run.spec.init)]
 
-    # NOTE: the command names this daemon's Python and file, which a remote
-    # runner must replace with paths on its host.
+    # The command names this daemon's Python and file, so it suits the local
+    # runner only; ``ssh_attach`` builds the launch for SSH hosts.
     return msgspec.structs.replace(launch, argv=argv, commands=[])
 
 
@@ -69,7 +75,7 @@ def attach_target(
 
     Raises:
         ConflictError: the run is not running, or it is on a backend that
-            attach does not reach yet.
+            attach does not reach.
         InvalidRequestError: the caller is not the run's user, nor root, nor
             the daemon's user.
     """
@@ -84,16 +90,17 @@ def attach_target(
             f"run {run.name} is {run.status}; attach works while it is running"
         )
 
-    if instance.backend != "local":
-        # NOTE: remote instances need a runner that forwards ports and shells
-        # over SSH; until one provides it, attach reaches local runs only.
-        raise ConflictError(
-            f"attach to runs on backend {instance.backend} is not supported yet"
-        )
-
     ports = list(run.spec.ports)
     if run.spec.port is not None:
         ports.append(run.spec.port)
+
+    if instance.backend in ssh_attach.SSH_BACKENDS:
+        return _ssh_attach_target(run, instance, ports)
+
+    if instance.backend != "local":
+        raise ConflictError(
+            f"attach to runs on backend {instance.backend} is not supported"
+        )
 
     socket_name = None
     if run.spec.type == "dev-environment":
@@ -109,6 +116,41 @@ def attach_target(
         ports=ports,
         url=run.url or service_url(run, LOCAL_HOST),
         socket=socket_name,
+    )
+
+
+def _ssh_attach_target(
+    run: Run, instance: Instance, ports: list[int]
+) -> api.AttachTarget:
+    try:
+        target = SshTarget.from_backend_data(dict(instance.backend_data))
+    except BackendError as exc:
+        raise ConflictError(
+            f"run {run.name} cannot be attached: instance {instance.name} has no "
+            f"SSH login yet ({exc})"
+        ) from exc
+
+    shell = None
+    if run.spec.type == "dev-environment":
+        shell = ssh_attach.shell_command(run)
+
+    return api.AttachTarget(
+        run=run.name,
+        type=run.spec.type,
+        status=run.status,
+        backend=instance.backend,
+        method="ssh",
+        host=target.host,
+        ports=ports,
+        url=run.url or service_url(run, instance.hostname or target.host),
+        ssh=api.SshAccess(
+            host=target.host,
+            port=target.port,
+            user=target.user,
+            key_path=target.key_path,
+            host_key=target.host_key,
+        ),
+        shell_command=shell,
     )
 
 

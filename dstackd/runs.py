@@ -9,8 +9,10 @@ import json
 import os
 from pathlib import Path
 
+from dstackd import ssh_attach
 from dstackd.attach import dev_environment_launch
 from dstackd.runner import RunLaunch
+from dstackd.ssh_attach import SSH_BACKENDS
 from events.projection import Instance, Run
 
 ENV_FILE = "env.json"
@@ -71,6 +73,9 @@ class RunFiles:
             run_dir=str(self.run_dir(run.id)),
             backend_data=dict(data),
         )
+        if run.spec.type == "dev-environment" and instance.backend in SSH_BACKENDS:
+            return ssh_attach.dev_environment_launch(launch, run)
+
         if run.spec.type == "dev-environment":
             return dev_environment_launch(launch, run)
 
