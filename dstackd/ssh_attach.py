@@ -31,6 +31,8 @@ SSH_BACKENDS = frozenset({"ssh", "aws"})
 # duration is therefore honoured to about this much.
 SESSION_CHECK_INTERVAL_SECONDS = 1
 
+# NOTE: an abort (SIGKILL at once) gives the script no chance to run its TERM
+# trap, so attached shells on the host outlive an aborted dev environment.
 _HOLD_SCRIPT = r"""
 end_sessions() {
   for f in "$d/sessions"/*; do
