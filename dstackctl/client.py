@@ -54,6 +54,25 @@ class DaemonUnreachableError(ClientError):
         )
 
 
+class DaemonGoneError(DaemonUnreachableError):
+    """The daemon closed or reset the connection before its response ended.
+
+    That happens when it stops or restarts. As a ``DaemonUnreachableError`` it
+    has the same exit code, and commands that stop at an unreachable daemon
+    stop at this too.
+    """
+
+    def __init__(self, socket_path: str, problem: str) -> None:
+        self.socket_path = socket_path
+        self.problem = problem
+        # The parent's message is about a failed connect, so skip its __init__.
+        ClientError.__init__(
+            self,
+            f"lost the connection to dstackd at {socket_path} ({problem}). "
+            "The daemon stopped or restarted.",
+        )
+
+
 class DaemonTimeoutError(ClientError):
     """The daemon sent nothing for longer than the request's read timeout."""
 
@@ -64,7 +83,8 @@ class DaemonTimeoutError(ClientError):
 
 
 class ProtocolError(ClientError):
-    """The response is not valid HTTP/1.1, or the connection broke mid-way."""
+    """The response is not valid HTTP/1.1, or the connection failed mid-way
+    for a reason other than the daemon closing it."""
 
     def __init__(self, socket_path: str, problem: str) -> None:
         super().__init__(f"invalid response from dstackd at {socket_path}: {problem}")
@@ -176,6 +196,8 @@ class Response:
                     yield from self._iter_length(length)
         except TimeoutError:
             raise DaemonTimeoutError(self._socket_path, self._timeout or 0) from None
+        except ConnectionError as exc:
+            raise self._gone(exc.strerror or str(exc)) from exc
         except OSError as exc:
             raise self._error(f"connection lost: {exc.strerror or exc}") from exc
 
@@ -216,14 +238,21 @@ class Response:
     def _error(self, problem: str) -> ProtocolError:
         return ProtocolError(self._socket_path, problem)
 
+    def _gone(self, problem: str) -> DaemonGoneError:
+        return DaemonGoneError(self._socket_path, problem)
+
     def _read_line(self, part: str) -> bytes:
         """Read one line of the response head or chunk framing; ``part`` names it."""
         line = self._reader.readline(_MAX_LINE_BYTES + 1)
-        if not line:
-            raise self._error(f"connection closed before the {part}")
-
         if len(line) > _MAX_LINE_BYTES:
             raise self._error(f"{part} is longer than {_MAX_LINE_BYTES} bytes")
+
+        # Without its newline, the line was cut off by the end of the stream.
+        if not line:
+            raise self._gone(f"connection closed before the {part}")
+
+        if not line.endswith(b"\n"):
+            raise self._gone(f"connection closed while reading the {part}")
 
         return line.rstrip(b"\r\n")
 
@@ -238,6 +267,8 @@ class Response:
 
         except TimeoutError:
             raise DaemonTimeoutError(self._socket_path, self._timeout or 0) from None
+        except ConnectionError as exc:
+            raise self._gone(exc.strerror or str(exc)) from exc
         except OSError as exc:
             raise self._error(f"connection lost: {exc.strerror or exc}") from exc
 
@@ -293,7 +324,7 @@ class Response:
         while remaining:
             chunk = self._reader.read1(min(remaining, _READ_SIZE))
             if not chunk:
-                raise self._error(
+                raise self._gone(
                     f"connection closed after {length - remaining} of {length} "
                     "body bytes"
                 )
@@ -345,8 +376,12 @@ class Client:
 
         Raises:
             DaemonUnreachableError: the connect failed.
+            DaemonGoneError: the daemon closed the connection before the end
+                of the response head, for example because it stopped.
             ApiError: the daemon responded with a status of 300 or more.
             ProtocolError, DaemonTimeoutError: the response did not arrive intact.
+
+        Reading the body raises ``DaemonGoneError`` in the same case.
         """
         target = path
         if query and (query_string := encode_query(query)):
@@ -419,6 +454,11 @@ class Client:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode()
         try:
             sock.sendall(head + payload)
+        except ConnectionError as exc:
+            raise DaemonGoneError(
+                self.socket_path,
+                f"connection closed while sending the request: {exc.strerror or exc}",
+            ) from exc
         except OSError as exc:
             raise ProtocolError(
                 self.socket_path,

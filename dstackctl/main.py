@@ -68,7 +68,9 @@ class _Cli(click.Group):
     "socket_path",
     metavar="PATH",
     help="The daemon's socket [default: $DSTACKD_SOCKET, else "
-    "/run/dstackd/dstackd.sock as root, else $XDG_RUNTIME_DIR/dstackd.sock].",
+    "/run/dstackd/dstackd.sock as root, else $XDG_RUNTIME_DIR/dstackd.sock, "
+    "else /tmp/dstackd-<uid>/dstackd.sock when XDG_RUNTIME_DIR is unset or "
+    "empty].",
 )
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str | None) -> None:
@@ -176,6 +178,16 @@ def _follow_run(client: Client, name: str) -> int:
     try:
         _copy_logs(client, name, follow=True)
         view = _wait_for_run_end(client, name)
+    except DaemonUnreachableError as exc:
+        # The daemon stopped or restarted. The run itself is not stopped.
+        click.echo(f"error: {exc}", err=True)
+        click.echo(
+            f"Run {name} keeps running without this client. Once dstackd is "
+            f"back, follow it with 'dstackctl logs -f {name}' or check it with "
+            "'dstackctl ps'.",
+            err=True,
+        )
+        return exit_codes.UNREACHABLE
     except KeyboardInterrupt:
         click.echo(
             f"\nDetached from run {name}; it keeps running.\n"

@@ -3,6 +3,8 @@
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from dstackctl import exit_codes
 from dstackctl.client import (
     ApiError,
     Client,
+    DaemonGoneError,
     DaemonTimeoutError,
     DaemonUnreachableError,
     ProtocolError,
@@ -21,6 +24,9 @@ from dstackctl.client import (
     encode_query,
 )
 from tests.dstackctl.fake_daemon import FakeDaemon
+
+# The head of a chunked 200 response.
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 @pytest.fixture
@@ -186,10 +192,8 @@ class TestErrors:
     @pytest.mark.parametrize(
         ("raw", "problem"),
         [
-            (b"", "connection closed before the status line"),
             (b"SMTP ready\r\n\r\n", "malformed status line"),
             (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "malformed header line"),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n[1,", "after 3 of 10"),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
                 "invalid Content-Length",
@@ -206,23 +210,16 @@ class TestErrors:
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]]\r\n",
                 "chunk data is longer than its size",
             ),
-            (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]\r\n",
-                "connection closed before the chunk size",
-            ),
             (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "more than 100"),
             (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nnot", "body is not JSON"),
         ],
         ids=[
-            "empty",
             "not-http",
             "header-without-colon",
-            "truncated-body",
             "negative-length",
             "conflicting-lengths",
             "hex-prefix-chunk-size",
             "overlong-chunk",
-            "unterminated-chunked",
             "too-many-headers",
             "not-json",
         ],
@@ -238,6 +235,94 @@ class TestErrors:
         assert problem in str(caught.value)
         assert fake_daemon.socket_path in str(caught.value)
         assert caught.value.exit_code == exit_codes.FAILED
+
+    @pytest.mark.parametrize(
+        ("raw", "problem"),
+        [
+            pytest.param(b"", "connection closed before the status line", id="empty"),
+            pytest.param(
+                b"HTTP/1.1 2",
+                "connection closed while reading the status line",
+                id="in-status-line",
+            ),
+            pytest.param(
+                b"HTTP/1.1 200 OK\r\n",
+                "connection closed before the end of the headers",
+                id="after-status-line",
+            ),
+            pytest.param(
+                b"HTTP/1.1 200 OK\r\nContent-",
+                "connection closed while reading the end of the headers",
+                id="in-header-line",
+            ),
+            pytest.param(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n[1,",
+                "connection closed after 3 of 10 body bytes",
+                id="in-body",
+            ),
+            pytest.param(
+                CHUNKED + b"2\r\n[]\r\n",
+                "connection closed before the chunk size",
+                id="before-chunk-size",
+            ),
+            pytest.param(
+                CHUNKED + b"2\r\n[",
+                "connection closed after 1 of 2 body bytes",
+                id="in-chunk",
+            ),
+            pytest.param(
+                CHUNKED + b"2\r\n[]",
+                "connection closed before the end of a chunk",
+                id="before-chunk-end",
+            ),
+            pytest.param(
+                CHUNKED + b"0\r\n",
+                "connection closed before the end of the headers",
+                id="in-trailers",
+            ),
+        ],
+    )
+    def test_closed_connection_raises_daemon_gone(
+        self, fake_daemon: FakeDaemon, client: Client, raw: bytes, problem: str
+    ) -> None:
+        fake_daemon.route("GET", "/v1/runs", raw=raw)
+
+        with pytest.raises(DaemonGoneError) as caught:
+            client.request("GET", "/v1/runs")
+
+        assert str(caught.value) == _gone_message(fake_daemon.socket_path, problem)
+        assert caught.value.exit_code == exit_codes.UNREACHABLE
+        assert isinstance(caught.value, DaemonUnreachableError)
+
+    @pytest.mark.parametrize(
+        "sent",
+        [
+            pytest.param(b"", id="before-status-line"),
+            pytest.param(CHUNKED + b"2\r\n[]\r\n", id="in-chunked-body"),
+            pytest.param(b"HTTP/1.1 200 OK\r\n\r\n[1,", id="in-body-until-close"),
+        ],
+    )
+    def test_reset_connection_raises_daemon_gone(
+        self, socket_dir: str, sent: bytes
+    ) -> None:
+        path = os.path.join(socket_dir, "reset.sock")
+
+        with _resetting_daemon(path, sent), pytest.raises(DaemonGoneError) as caught:
+            Client(path).request("GET", "/v1/runs")
+
+        assert str(caught.value) == _gone_message(path, "Connection reset by peer")
+        assert caught.value.exit_code == exit_codes.UNREACHABLE
+
+    def test_closed_connection_while_sending_raises_daemon_gone(self) -> None:
+        local, remote = socket.socketpair()
+        remote.close()
+
+        with local, pytest.raises(DaemonGoneError) as caught:
+            Client("/nowhere.sock")._send(local, "GET", "/v1/runs", None)
+
+        assert str(caught.value) == _gone_message(
+            "/nowhere.sock", "connection closed while sending the request: Broken pipe"
+        )
 
     def test_silent_daemon_raises_timeout(
         self, fake_daemon: FakeDaemon, client: Client
@@ -277,6 +362,37 @@ class TestErrors:
                 Client(path).request("GET", "/v1/runs")
 
         assert f"at {path}: Connection refused." in str(caught.value)
+
+
+def _gone_message(socket_path: str, problem: str) -> str:
+    return (
+        f"lost the connection to dstackd at {socket_path} ({problem}). "
+        "The daemon stopped or restarted."
+    )
+
+
+@contextmanager
+def _resetting_daemon(path: str, sent: bytes) -> Iterator[None]:
+    """Serve one connection on ``path``: send ``sent``, then close it with the
+    request unread, which makes Linux reset the client's side (ECONNRESET)."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(5)
+                connection.sendall(sent)
+                # Wait for the request without reading it.
+                connection.recv(1, socket.MSG_PEEK)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join(5)
 
 
 @pytest.mark.parametrize(

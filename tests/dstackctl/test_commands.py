@@ -625,7 +625,96 @@ class TestOutput:
         assert fake_daemon.requests == []
 
 
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+CUT_STREAM = CHUNKED + b"6\r\nhello\n\r\n"
+CUT_PROBLEM = "connection closed before the chunk size"
+CLOSED_PROBLEM = "connection closed before the status line"
+RUN_HINT = (
+    "Run quiet-fox-1 keeps running without this client. Once dstackd is back, "
+    "follow it with 'dstackctl logs -f quiet-fox-1' or check it with "
+    "'dstackctl ps'.\n"
+)
+RUN_LOGS = "/v1/runs/quiet-fox-1/logs"
+
+# Each case: the command, the routes as (method, path, raw response or JSON),
+# the problem named in the message, and the hint printed after it.
+DAEMON_GONE_CASES = [
+    pytest.param(
+        ["run", "sleep", "100"],
+        [("POST", "/v1/runs", RUN), ("GET", RUN_LOGS, CUT_STREAM)],
+        CUT_PROBLEM,
+        RUN_HINT,
+        id="run-log-stream",
+    ),
+    pytest.param(
+        ["run", "sleep", "100"],
+        [
+            ("POST", "/v1/runs", RUN),
+            ("GET", RUN_LOGS, CHUNKED + b"0\r\n\r\n"),
+            ("GET", "/v1/runs/quiet-fox-1/wait", b""),
+        ],
+        CLOSED_PROBLEM,
+        RUN_HINT,
+        id="run-wait",
+    ),
+    pytest.param(
+        ["events", "--follow"],
+        [("GET", "/v1/events", CHUNKED + b"2\r\n{}\r\n")],
+        CUT_PROBLEM,
+        "",
+        id="events-follow",
+    ),
+    pytest.param(
+        ["logs", "-f", "r1"],
+        [("GET", "/v1/runs/r1/logs", CUT_STREAM)],
+        CUT_PROBLEM,
+        "",
+        id="logs-follow",
+    ),
+    pytest.param(
+        ["stop", "x", "y"],
+        [("POST", "/v1/runs/x/stop", b"")],
+        CLOSED_PROBLEM,
+        "",
+        id="stop",
+    ),
+    pytest.param(["ps"], [("GET", "/v1/runs", b"")], CLOSED_PROBLEM, "", id="ps"),
+]
+
+
 class TestErrors:
+    @pytest.mark.parametrize(("args", "routes", "problem", "hint"), DAEMON_GONE_CASES)
+    def test_daemon_gone_exits_3_with_message(
+        self,
+        fake_daemon: FakeDaemon,
+        args: list[str],
+        routes: list[tuple[str, str, Any]],
+        problem: str,
+        hint: str,
+    ) -> None:
+        for method, path, response in routes:
+            if isinstance(response, bytes):
+                fake_daemon.route(method, path, raw=response)
+            else:
+                fake_daemon.route(method, path, response)
+
+        result = invoke(fake_daemon, *args)
+
+        assert result.exit_code == exit_codes.UNREACHABLE
+        assert result.stderr == (
+            f"error: lost the connection to dstackd at {fake_daemon.socket_path} "
+            f"({problem}). The daemon stopped or restarted.\n{hint}"
+        )
+        assert len(fake_daemon.requests) == len(routes)
+
+    def test_socket_help_names_every_default(self) -> None:
+        result = CliRunner().invoke(cli, ["--help"], terminal_width=200)
+
+        assert "$DSTACKD_SOCKET" in result.stdout
+        assert "/run/dstackd/dstackd.sock as root" in result.stdout
+        assert "$XDG_RUNTIME_DIR/dstackd.sock" in result.stdout
+        assert "/tmp/dstackd-<uid>/dstackd.sock when XDG_RUNTIME_DIR" in result.stdout
+
     @pytest.mark.parametrize(
         ("status", "code", "exit_code"),
         [
