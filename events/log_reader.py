@@ -1,7 +1,7 @@
 """Offline, read-only access to an event log file, and the checks both sides share.
 
-This module owns the file's schema (tables ``events``, ``snapshots`` and
-``meta``), the hash-chain check that ``EventLog`` and ``LogReader`` both run,
+This module owns the file's schema (tables ``events``, ``snapshots``,
+``snapshot_chunks`` and ``meta``), the hash-chain check that ``EventLog`` and ``LogReader`` both run,
 and ``LogReader``: a synchronous reader on the standard library's ``sqlite3``
 for offline tools (``dstackctl events verify``, replay, export). It imports
 neither anyio nor aiosqlite, so a command-line tool that reads a log starts
