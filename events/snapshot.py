@@ -181,6 +181,10 @@ def prepare_snapshot(state: State) -> PreparedSnapshot:
     Chunks that no snapshot stored yet (those just archived, and those of a
     snapshot whose write failed) get new references at the state's
     checkpoint and are encoded as new rows.
+
+    NOTE: chunks are never merged. A daemon that snapshots every 10,000
+    records adds one or two small chunks each time, and the first read of
+    history after a start reads one row per chunk.
     """
     for kind, entries in (("run", state.runs.hot), ("instance", state.instances.hot)):
         for key, entry in entries.items():
