@@ -22,6 +22,7 @@ bench: install
 	$(BIN)/python bench/append.py
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/claim.py
+	$(BIN)/python bench/cli_startup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
