@@ -145,7 +145,7 @@ class Commands:
 
         Root and the daemon's own user may act on every run; other members
         of the socket's group only on their own, since a run's output and
-        its stop belong to whoever submitted it.
+        its stop belong to the user who submitted it.
         """
         if is_privileged(actor) or actor.uid == run.uid:
             return

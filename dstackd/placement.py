@@ -1,8 +1,8 @@
 """Placement: which idle instance or which offer a run goes to, and why.
 
-Pure functions over the projection; the scheduler calls them under the
+Pure functions over the projection. The scheduler calls them under the
 decision lock and records the outcome, candidates included, in the claim or
-request event so ``explain`` can show it later.
+request event, so ``explain`` can show it later.
 """
 
 import msgspec
@@ -21,7 +21,7 @@ class Placement(msgspec.Struct, frozen=True):
 
     Exactly one of ``instance_id`` and ``offer`` is set when the run can go
     somewhere now. ``wait`` means a fitting instance exists but is busy, so the
-    run stays queued. Otherwise ``reason`` says why nothing fits.
+    run stays queued. Otherwise ``reason`` gives the reason nothing fits.
     """
 
     candidates: tuple[Candidate, ...]
@@ -80,7 +80,7 @@ def choose_instance(
 ) -> Placement:
     """Pick the idle instance for ``run`` in its pool, if one fits.
 
-    Order: a run that asks for no GPU avoids GPU instances while a GPU-less one
+    Order: a run that requests no GPU avoids GPU instances while a GPU-less one
     fits; then the cheapest; then the one idle longest. Instances in
     ``exclude`` were claimed earlier in the same pass and count as busy.
     """

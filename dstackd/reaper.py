@@ -1,8 +1,8 @@
 """Idle reaper: one deadline per idle instance, and termination with retries.
 
 A deadline is the time of the record that made the instance idle plus its
-idle duration, so after a restart the same deadlines come back from the log:
-an instance whose deadline passed while the daemon was down expires at once.
+idle duration, so after a restart the same deadlines come back from the log.
+An instance whose deadline passed while the daemon was down expires at once.
 Expiry is appended (making the instance unschedulable) before the backend is
 asked to terminate it.
 """

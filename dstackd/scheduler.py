@@ -3,7 +3,7 @@
 It wakes on commits that can change a placement (a run submitted, an instance
 released or provisioned), never on a timer. One pass places every queued run
 in submission order under the decision lock and appends all its claims in one
-batch; starting the processes and provisioning new instances happen after the
+batch. Starting the processes and provisioning new instances happen after the
 lock is released.
 """
 
