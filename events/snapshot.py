@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 import structlog
 
+from events.entry_map import Chunk, ChunkIndex, ChunkRef, EntryMap
 from events.errors import LogCorruptedError
 from events.log_reader import (
     CHUNK_ROWS,
@@ -43,10 +44,6 @@ from events.log_reader import (
 )
 from events.projection import (
     STATE_FORMAT,
-    Chunk,
-    ChunkIndex,
-    ChunkRef,
-    EntryMap,
     Instance,
     Run,
     State,

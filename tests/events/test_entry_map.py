@@ -7,9 +7,10 @@ Chunks here count their reads, so the tests can assert what stayed unread.
 
 import pytest
 
-import events.projection
+import events.entry_map
+from events.entry_map import Chunk, ChunkIndex, EntryMap
 from events.event_types import RunSpec
-from events.projection import Chunk, ChunkIndex, EntryMap, Run, is_ended_run
+from events.projection import Run, is_ended_run
 
 
 def make_run(run_id: str, name: str | None = None, status: str = "done") -> Run:
@@ -201,7 +202,7 @@ class TestWrites:
     def test_archive_ended_splits_into_chunks(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(events.projection, "CHUNK_ENTRIES", 2)
+        monkeypatch.setattr(events.entry_map, "CHUNK_ENTRIES", 2)
         entry_map: EntryMap[Run] = EntryMap()
         for rank, run_id in enumerate(["r1", "r2", "r3"], start=1):
             entry_map.insert(run_id, make_run(run_id), rank)

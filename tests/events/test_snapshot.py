@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from structlog.testing import capture_logs
 
 import events.snapshot
+from events.entry_map import Chunk, ChunkIndex, ChunkRef
 from events.errors import LogCorruptedError
 from events.event_types import (
     Event,
@@ -29,9 +30,6 @@ from events.model import DAEMON_ACTOR
 from events.projection import (
     ACTIVE_RUN_STATUSES,
     LIVE_INSTANCE_STATUSES,
-    Chunk,
-    ChunkIndex,
-    ChunkRef,
     Instance,
     Run,
     State,
