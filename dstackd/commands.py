@@ -380,7 +380,9 @@ class Commands:
     # Runs
 
     async def submit_run(self, request: api.SubmitRun, actor: Actor) -> str:
-        request = resolve_request(request)
+        # A large YAML file takes seconds to parse; a worker thread keeps the
+        # event loop (other requests, timers, probes) running meanwhile.
+        request = await anyio.to_thread.run_sync(resolve_request, request)
         spec = self._run_spec(request)
         run_id = new_run_id()
         name = request.name or run_id

@@ -185,6 +185,10 @@ class _Reader:
             ) from None
         except yaml.YAMLError as exc:
             raise RunConfigError(self.path, "", 1, f"invalid YAML: {exc}") from None
+        except RecursionError:
+            raise RunConfigError(
+                self.path, "", 1, "invalid YAML: values are nested too deeply"
+            ) from None
 
         return None if node is None else _Field(node, "")
 

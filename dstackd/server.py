@@ -37,6 +37,9 @@ _PEERCRED = struct.Struct("3i")
 # How often a followed log file is re-read while its run is still active.
 LOG_FOLLOW_INTERVAL_SECONDS = 0.05
 MAX_WAIT_SECONDS = 3600.0
+# Largest request body: a run file of up to 1 MiB (dstackctl's limit) plus
+# profiles and JSON escaping fit well within it.
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def json_response(body: object, status: int = 200) -> web.Response:
@@ -150,7 +153,7 @@ class Api:
         self.commands = commands
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[handle_errors], client_max_size=16 * 1024 * 1024)
+        app = web.Application(middlewares=[handle_errors], client_max_size=MAX_BODY_BYTES)
         app.add_routes(
             [
                 web.get("/v1/pools", self.list_pools),

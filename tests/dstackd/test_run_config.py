@@ -245,6 +245,13 @@ INVALID_FILES = [
         "expected a duration, got a list",
         id="inactivity-list",
     ),
+    pytest.param(
+        "type: task\ncommands: [echo]\nenv: " + "[" * 5000 + "]" * 5000 + "\n",
+        "",
+        1,
+        "nested too deeply",
+        id="deep-nesting",
+    ),
 ]
 
 
