@@ -405,11 +405,22 @@ class Scheduler:
             await self.core.commit(entries, DAEMON_ACTOR)
 
         if decision.relaunch:
-            log.info("run_restarting", run_id=run_id, exit_status=exit_status, reason=reason)
-            self.start_soon(self.launch, run_id)
+            delay = restart_delay_seconds(self.core.state.runs[run_id].restarts)
+            log.info(
+                "run_restarting",
+                run_id=run_id,
+                exit_status=exit_status,
+                reason=reason,
+                delay_s=delay,
+            )
+            self.start_soon(self._launch_after, run_id, delay)
             return
 
         log.info("run_ended", run_id=run_id, exit_status=exit_status, reason=reason)
+
+    async def _launch_after(self, run_id: str, delay: float) -> None:
+        await anyio.sleep(delay)
+        await self.launch(run_id)
 
     def _end_event(
         self, run: Run, exit_status: int | None, reason: str | None
@@ -469,6 +480,20 @@ class RunnerLike:
 
     async def stop(self, handle, *, grace_seconds: float, abort: bool) -> None:  # type: ignore[no-untyped-def]
         raise NotImplementedError
+
+
+# Delay before a service's n-th restart: RESTART_DELAY_START * 2**(n - 1),
+# at most RESTART_DELAY_MAX, so a service that fails at once does not
+# restart hundreds of times a second.
+RESTART_DELAY_START = 0.5
+RESTART_DELAY_MAX = 30.0
+
+
+def restart_delay_seconds(restarts: int) -> float:
+    """Return how long to wait before a service's ``restarts``-th restart."""
+    exponent = min(max(restarts - 1, 0), 16)
+
+    return min(RESTART_DELAY_START * 2**exponent, RESTART_DELAY_MAX)
 
 
 def new_instance_id() -> str:

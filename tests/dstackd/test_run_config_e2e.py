@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dstackd.scheduler import restart_delay_seconds
 from tests.conftest import BIN, DaemonProcess
 from tests.dstackd.test_daemon_e2e import add_instance, run_view, wait_run_ended
 
@@ -257,7 +259,15 @@ class TestService:
         restarts = records_of(daemon, "RunRestarted")
         assert [r["event"]["restart"] for r in restarts] == [1, 2]
         assert [r["event"]["exit_status"] for r in restarts] == [4, 4]
-        assert len(records_of(daemon, "RunStarted")) == 3
+        starts = records_of(daemon, "RunStarted")
+        assert len(starts) == 3
+        gaps = [
+            datetime.fromisoformat(later["recorded_at"])
+            - datetime.fromisoformat(earlier["recorded_at"])
+            for earlier, later in zip(starts, starts[1:])
+        ]
+        assert gaps[0].total_seconds() >= restart_delay_seconds(1)
+        assert gaps[1].total_seconds() >= restart_delay_seconds(2)
         assert view["status"] == "failed"
         assert view["exit_status"] == 4
         assert [i["status"] for i in daemon.ctl_json("pool", "ps")] == ["idle"]

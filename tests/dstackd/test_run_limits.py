@@ -1,6 +1,8 @@
 """Run limits: end-of-run decisions (restart, retry, plain end), no-capacity
 decisions, and the max_duration deadline from the projection."""
 
+import pytest
+
 from dstackd.run_limits import (
     RETRY_BACKOFF_START_US,
     decide_end,
@@ -8,6 +10,7 @@ from dstackd.run_limits import (
     is_placeable,
     max_duration_deadline_us,
 )
+from dstackd.scheduler import restart_delay_seconds
 from events.event_types import (
     RetryPolicy,
     RunFailed,
@@ -216,3 +219,11 @@ def test_retry_delay_keeps_run_unplaceable() -> None:
 
     assert not is_placeable(run, SUBMITTED_AT)
     assert is_placeable(run, SUBMITTED_AT + SECOND)
+
+
+@pytest.mark.parametrize(
+    ("restarts", "delay"),
+    [(0, 0.5), (1, 0.5), (2, 1.0), (3, 2.0), (6, 16.0), (7, 30.0), (10_000, 30.0)],
+)
+def test_restart_delay_doubles_up_to_max(restarts: int, delay: float) -> None:
+    assert restart_delay_seconds(restarts) == delay
