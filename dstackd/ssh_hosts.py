@@ -83,6 +83,7 @@ async def add_ssh_hosts(
     async with commands.core.lock:
         pool = commands.resolve_pool(request.pool)
         _check_not_added(commands, targets)
+        _check_host_keys_not_added(commands, targets, detected)
         names = _instance_names(commands, request.name, len(targets))
         entries = commands._pool_creation(pool)
         instance_ids = []
@@ -190,6 +191,38 @@ def _check_not_added(commands: Commands, targets: list[SshTarget]) -> None:
                 f"pool {instance.pool}; remove it there first with "
                 f"'dstackctl pool remove {instance.name}'"
             )
+
+
+def _check_host_keys_not_added(
+    commands: Commands,
+    targets: list[SshTarget],
+    detected: dict[str, tuple[Resources, str]],
+) -> None:
+    """Reject a host already added under another name or address.
+
+    ``localhost`` and ``127.0.0.1``, or a DNS name and its address, are one
+    machine with one SSH host key, so the key identifies the host where the
+    address does not. Two targets of one request are compared too.
+    """
+    owners: dict[str, str] = {}
+    for instance in commands.core.state.live_instances():
+        key = instance.backend_data.get("host_key", "")
+        if instance.backend == BACKEND_NAME and key:
+            owners[key] = f"instance {instance.name} in pool {instance.pool}"
+
+    for target in targets:
+        key = detected[target.address][1]
+        if not key:
+            continue
+
+        owner = owners.get(key)
+        if owner is not None:
+            raise ConflictError(
+                f"host {target.address} has the same SSH host key as {owner}, so it "
+                "is the same machine; remove that instance first or add the host once"
+            )
+
+        owners[key] = f"{target.address} earlier in this request"
 
 
 async def _detect_all(

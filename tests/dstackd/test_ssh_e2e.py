@@ -211,3 +211,21 @@ def test_identity_file_without_ssh_is_a_usage_error(
 
     assert result.returncode == 2
     assert "applies only with --ssh" in result.stderr
+
+
+@pytest.mark.parametrize("alias", ["localhost", "LOCALHOST"])
+def test_same_host_under_another_address_is_rejected(
+    ssh_daemon: DaemonProcess, ssh_server: SshServer, alias: str
+) -> None:
+    add_host(ssh_daemon, ssh_server)
+    user, _, host_port = ssh_server.address.partition("@")
+    port = host_port.rsplit(":", 1)[1]
+
+    result = ssh_daemon.ctl(
+        "pool", "add", "--ssh", f"{user}@{alias}:{port}", "-i", str(ssh_server.key_path)
+    )
+
+    assert result.returncode == 1
+    assert "same SSH host key as instance ssh-1" in result.stderr
+    instances = [i for i in ssh_daemon.ctl_json("pool", "ps") if i["backend"] == "ssh"]
+    assert [i["name"] for i in instances] == ["ssh-1"]
