@@ -35,7 +35,8 @@ def wait_run_ended(daemon: DaemonProcess, name: str, timeout: float = 30) -> dic
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         view = run_view(daemon, name)
-        if view["status"] not in ("submitted", "provisioning", "running"):
+        # "starting" is a service that is up but not yet ready.
+        if view["status"] not in ("submitted", "provisioning", "starting", "running"):
             return view
 
         time.sleep(0.05)
