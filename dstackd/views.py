@@ -16,6 +16,7 @@ from events.projection import (
     Run,
     RunAttempt,
     State,
+    shown_status,
 )
 from events.record import Record, encode_body
 
@@ -111,13 +112,6 @@ def run_view(state: State, run: Run, run_files: RunFiles) -> api.RunView:
         history=[attempt_view(state, attempt) for attempt in run.history],
     )
 
-
-def shown_status(run: Run) -> str:
-    """Return the status to show: a running service is ``starting`` until ready."""
-    if run.spec.type == "service" and run.status == "running" and not run.ready:
-        return "starting"
-
-    return run.status
 
 
 def attempt_view(state: State, attempt: RunAttempt) -> api.AttemptView:

@@ -738,6 +738,14 @@ def replay_with_hashes(records: Iterable[tuple[Record, bytes]], state: State) ->
     return state
 
 
+def shown_status(run: Run) -> str:
+    """Return the status to show: a running service is ``starting`` until ready."""
+    if run.spec.type == "service" and run.status == "running" and not run.ready:
+        return "starting"
+
+    return run.status
+
+
 def check_invariants(state: State) -> list[str]:
     """Return a description of each broken invariant; empty when all hold.
 

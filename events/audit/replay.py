@@ -22,6 +22,7 @@ from events.projection import (
     Run,
     State,
     apply,
+    shown_status,
 )
 from events.record import Record, decode_body
 from events.snapshot import load_state_offline
@@ -262,7 +263,7 @@ def run_row(state: State, run: Run) -> RunRow:
         name=run.name,
         pool=run.pool,
         type=run.spec.type,
-        status=run.status,
+        status=shown_status(run),
         command=command,
         user=run.user,
         instance=instance.name if instance else None,

@@ -1250,3 +1250,34 @@ def test_replay_matches_model_of_history(history: History) -> None:
     }
     schedulable = {i.id for i in state.instances.values() if i.schedulable}
     assert schedulable == expected_schedulable
+
+
+@pytest.mark.parametrize(
+    ("run_type", "status", "ready", "shown"),
+    [
+        ("service", "running", False, "starting"),
+        ("service", "running", True, "running"),
+        ("service", "failed", False, "failed"),
+        ("task", "running", False, "running"),
+        ("dev-environment", "running", False, "running"),
+    ],
+)
+def test_shown_status_of_unready_service(
+    run_type: str, status: str, ready: bool, shown: str
+) -> None:
+    from events.event_types import RunSpec
+    from events.projection import Run, shown_status
+
+    run = Run(
+        id="r1",
+        name="web",
+        pool="p",
+        spec=RunSpec(type=run_type),  # type: ignore[arg-type]
+        user="u",
+        uid=0,
+        submitted_at=0,
+    )
+    run.status = status  # type: ignore[assignment]
+    run.ready = ready
+
+    assert shown_status(run) == shown
