@@ -7,6 +7,7 @@ batch. Starting the processes and provisioning new instances happen after the
 lock is released.
 """
 
+import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
@@ -342,6 +343,17 @@ class Scheduler:
             await self.record_exit(run_id, None)
             return
 
+        port = run.spec.port
+        if run.spec.type == "service" and port and instance.backend == "local":
+            if local_port_in_use(port):
+                reason = (
+                    f"port {port} is already in use on this machine, so the "
+                    "service's readiness probe would reach another process"
+                )
+                log.error("run_start_failed", run_id=run_id, port=port, error=reason)
+                await self.record_exit(run_id, None, reason=reason)
+                return
+
         try:
             runner = self.runner_for(instance.backend)
             handle = await runner.start(self.run_files.launch_for(run, instance))
@@ -494,6 +506,22 @@ def restart_delay_seconds(restarts: int) -> float:
     exponent = min(max(restarts - 1, 0), 16)
 
     return min(RESTART_DELAY_START * 2**exponent, RESTART_DELAY_MAX)
+
+
+def local_port_in_use(port: int) -> bool:
+    """Return whether some process on this machine listens on TCP ``port``.
+
+    Binding the wildcard address fails while any address holds the port.
+    SO_REUSEADDR lets connections of a stopped process in TIME_WAIT pass.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+
+    return False
 
 
 def new_instance_id() -> str:

@@ -272,6 +272,32 @@ class TestService:
         assert view["exit_status"] == 4
         assert [i["status"] for i in daemon.ctl_json("pool", "ps")] == ["idle"]
 
+    def test_service_on_taken_port_fails_with_reason(
+        self, daemon: DaemonProcess, short_tmp: Path
+    ) -> None:
+        add_pooled_instance(daemon)
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_file(
+            short_tmp,
+            "impostor.yml",
+            f"type: service\nname: impostor\nport: {port}\nmax_restarts: 0\n"
+            "commands:\n  - sleep 300\n" + REUSE_RESOURCES,
+        )
+
+        try:
+            daemon.ctl_ok("apply", "-d", "-f", str(config))
+            view = wait_run_ended(daemon, "impostor")
+        finally:
+            taken.close()
+
+        assert view["status"] == "failed"
+        assert f"port {port} is already in use" in view["reason"]
+        assert records_of(daemon, "RunReady") == []
+        assert records_of(daemon, "RunStarted") == []
+
 
 class TestDevEnvironment:
     def dev_environment(
