@@ -16,6 +16,7 @@ from events.projection import (
     Run,
     RunAttempt,
     State,
+    shown_reason,
     shown_status,
 )
 from events.record import Record, encode_body
@@ -48,14 +49,7 @@ def instance_view(state: State, instance: Instance, now_us: int) -> api.Instance
     if instance.status == "idle" and instance.idle_since is not None:
         idle_seconds = max(0.0, (now_us - instance.idle_since) / 1_000_000)
 
-    reason = instance.reason
-    if instance.last_error and instance.status == "terminating":
-        reason = (
-            f"termination failed {instance.termination_attempts} times: {instance.last_error}"
-        )
-    elif not instance.reachable and instance.status not in ("terminated", "failed"):
-        reason = f"unreachable: {instance.unreachable_error}"
-
+    reason = shown_reason(instance)
     return api.InstanceView(
         id=instance.id,
         name=instance.name,

@@ -738,6 +738,21 @@ def replay_with_hashes(records: Iterable[tuple[Record, bytes]], state: State) ->
     return state
 
 
+def shown_reason(instance: Instance) -> str | None:
+    """Return the note to show with an instance: failed terminations, an
+    unreachable host, or why it ended."""
+    if instance.last_error and instance.status == "terminating":
+        return (
+            f"termination failed {instance.termination_attempts} times: "
+            f"{instance.last_error}"
+        )
+
+    if not instance.reachable and instance.status not in ("terminated", "failed"):
+        return f"unreachable: {instance.unreachable_error}"
+
+    return instance.reason
+
+
 def shown_status(run: Run) -> str:
     """Return the status to show: a running service is ``starting`` until ready."""
     if run.spec.type == "service" and run.status == "running" and not run.ready:

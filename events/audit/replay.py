@@ -22,6 +22,7 @@ from events.projection import (
     Run,
     State,
     apply,
+    shown_reason,
     shown_status,
 )
 from events.record import Record, decode_body
@@ -217,12 +218,7 @@ def instance_row(state: State, instance: Instance, at: int | None) -> InstanceRo
     if instance.status == "idle" and instance.idle_since is not None and at is not None:
         idle_seconds = max(0.0, (at - instance.idle_since) / 1_000_000)
 
-    reason = instance.reason
-    if instance.last_error and instance.status == "terminating":
-        reason = (
-            f"termination failed {instance.termination_attempts} times: "
-            f"{instance.last_error}"
-        )
+    reason = shown_reason(instance)
 
     return InstanceRow(
         id=instance.id,
