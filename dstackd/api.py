@@ -226,7 +226,7 @@ class RunView(msgspec.Struct, frozen=True):
 
     ``wait_ms`` is the time from submission to the process start. ``status``
     is ``starting`` for a service whose readiness probe has not passed yet.
-    ``url`` is where a ready service answered. ``attempt`` counts from 1 and
+    ``url`` is where a ready service passed its probe. ``attempt`` counts from 1 and
     ``history`` lists the attempts that ended in a retry.
     """
 
@@ -274,8 +274,8 @@ class AttachTarget(msgspec.Struct, frozen=True):
     ``host`` as they are, and ``socket`` (an abstract Unix socket name, or
     ``None`` for runs other than dev environments) serves shells in the run.
 
-    ``method`` is ``ssh`` for runs on a remote host: ``ssh`` says how to log
-    in, ports are forwarded over that login, and for a dev environment
+    ``method`` is ``ssh`` for runs on a remote host: ``ssh`` gives the login
+    details, ports are forwarded over that login, and for a dev environment
     ``shell_command`` is the remote command line that opens a shell in the
     run. The argv of a command to run in place of the shell is appended to
     it, quoted for ``sh``.

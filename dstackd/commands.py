@@ -143,9 +143,9 @@ class Commands:
     def check_run_access(self, run: Run, actor: Actor) -> None:
         """Reject a caller who is neither the run's submitter nor privileged.
 
-        Root and the daemon's own user may act on every run; other members
-        of the socket's group only on their own, since a run's output and
-        its stop belong to the user who submitted it.
+        Root and the daemon's own user may act on every run. Other members of
+        the socket's group may act only on their own, because a run's output
+        and its stop belong to the user who submitted it.
         """
         if is_privileged(actor) or actor.uid == run.uid:
             return

@@ -180,7 +180,7 @@ def _default_socket(env: Mapping[str, str], uid: int) -> tuple[str, bool]:
 
 
 def _absolute_env(env: Mapping[str, str], name: str) -> str | None:
-    # The XDG base directory specification says to ignore relative paths in
+    # The XDG base directory specification requires ignoring relative paths in
     # these variables, and an empty value means unset.
     value = env.get(name, "")
     if not os.path.isabs(value):

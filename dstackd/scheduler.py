@@ -511,7 +511,7 @@ def restart_delay_seconds(restarts: int) -> float:
 def local_port_in_use(port: int) -> bool:
     """Return whether some process on this machine listens on TCP ``port``.
 
-    Binding the wildcard address fails while any address holds the port.
+    Binding the wildcard address fails while the port is bound on any address.
     SO_REUSEADDR lets connections of a stopped process in TIME_WAIT pass.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -113,7 +113,7 @@ def _check_key_access(key_path: str | None, actor: Actor) -> None:
 
     Root and the daemon's user may name any key, or none (then the daemon's
     own default keys are tried). Anyone else must name a key file they own,
-    and the answer is the same whether the file is missing or someone else's.
+    and the error is the same whether the file is missing or someone else's.
     """
     if is_privileged(actor):
         return

@@ -49,7 +49,7 @@ class Candidate(msgspec.Struct, frozen=True, omit_defaults=True):
     """An instance or an offer considered for a run, and why it was rejected.
 
     ``rejected`` is ``None`` for the candidate that was chosen and for fitting
-    candidates that lost on price or idle time (then ``note`` says so).
+    candidates that lost on price or idle time (then ``note`` gives that reason).
     """
 
     kind: Literal["instance", "offer"]
@@ -135,7 +135,7 @@ class InstanceTerminated(_Event):
 
 
 class InstanceLost(_Event):
-    """The backend no longer knows the instance, though it was alive here.
+    """The backend no longer lists the instance, though it was alive here.
 
     ``run_id`` names the run that held the instance, which fails in this same
     record. Replay finds that run from the instance itself, so the field is for
@@ -168,7 +168,7 @@ class InstanceReachable(_Event):
 
 
 class ReadinessProbe(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An HTTP GET of ``path`` on a service's port that must answer 2xx.
+    """An HTTP GET of ``path`` on a service's port that must return 2xx.
 
     ``interval`` and ``timeout`` are in seconds: the time between probes and
     the time one probe may take.
@@ -207,7 +207,7 @@ class RunSpec(msgspec.Struct, frozen=True, omit_defaults=True):
     restarted in place up to ``max_restarts`` times when their process exits.
     ``ports`` are ports a task or dev environment listens on. Durations are
     seconds or ``"off"``; ``inactivity_duration`` ends a dev environment that
-    nobody was attached to for that long.
+    had no client attached for that long.
     """
 
     type: RunType = "task"
@@ -252,7 +252,7 @@ class RunStarted(_Event):
 
 
 class RunFinished(_Event):
-    """The run's process exited by itself; ``reason`` says why, when known."""
+    """The run's process exited by itself; ``reason`` gives the cause, when known."""
 
     run_id: str
     exit_status: int
@@ -276,7 +276,7 @@ class RunStopped(_Event):
 
 
 class RunReady(_Event):
-    """A service's readiness probe answered 2xx; ``url`` is where it listens."""
+    """A service's readiness probe returned 2xx; ``url`` is where it listens."""
 
     run_id: str
     url: str

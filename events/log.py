@@ -580,7 +580,7 @@ class EventLog:
                 self._publish(builder, recorded_at, snapshots)
         except Exception as exc:  # noqa: BLE001
             # Any failure must end in failed appends, never in waiters that
-            # nobody wakes.
+            # are never woken.
             await self._fail_group(group, exc)
         finally:
             for request in group:

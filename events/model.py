@@ -50,7 +50,7 @@ class GpuSpec(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Requirements(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What a run or a pool add asks for; an offer must satisfy every field."""
+    """Resources a run or a pool add requests. An offer must satisfy every field."""
 
     cpu: Range = Range(2, None)
     memory: Range = Range(8, None)

@@ -50,5 +50,5 @@ class Backend(Protocol):
         ...
 
     def restore(self, live: list[LiveInstance]) -> None:
-        """Take back the instances the log says are alive, after a restart."""
+        """Take back the instances the log records as alive, after a restart."""
         ...
